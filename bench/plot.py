@@ -1,0 +1,58 @@
+"""PNG chart of speed-up over torch.nn against batch size and hidden size.
+
+One row of panels per (dtype, mode); the left panel varies the batch at the largest hidden size,
+the right one varies the hidden size at the largest batch (sequence length and layers at their
+largest swept values, the book's model left out). One line per (cell, backend); y = 1 is torch.nn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+AXES = (("batch", "hidden"), ("hidden", "batch"))  # (x axis, dimension held at its largest value)
+
+
+def _largest(rows: list[dict], key: str) -> int:
+    return max(r[key] for r in rows)
+
+
+def _series(rows: list[dict], x: str, held: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """{(cell, backend): [(x value, speed-up)]} with held, seq_len and layers at their largest."""
+    fixed = {k: _largest(rows, k) for k in (held, "seq_len", "layers")}
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        if all(r[k] == v for k, v in fixed.items()):
+            lines.setdefault((r["cell"], r["backend"]), []).append((r[x], r["speedup"]))
+    return {key: sorted(points) for key, points in lines.items()}
+
+
+def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
+    """Draw the fused backends' speed-ups in rows (dicts of bench/run.py's Row) into path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in rows if r["status"] == "ok" and r["speedup"] and r["tag"] != "book" and r["backend"] != "torch.nn"]
+    groups = sorted({(r["dtype"], r["mode"]) for r in rows if r["tag"] != "book"})
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.8 * len(groups)), squeeze=False)
+    for (dtype, mode), panels in zip(groups, axes):
+        group = [r for r in usable if r["dtype"] == dtype and r["mode"] == mode]
+        for ax, (x, held) in zip(panels, AXES):
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x)
+            ax.set_ylabel("speed-up vs torch.nn")
+            if not group:
+                ax.set_title(f"{dtype} {mode}: no fused backend ran")
+                continue
+            ax.set_title(f"{dtype} {mode}, {held}={_largest(group, held)}, T={_largest(group, 'seq_len')}, "
+                         f"L={_largest(group, 'layers')}", fontsize=9)  # fmt: skip
+            for (cell, backend), points in sorted(_series(group, x, held).items()):
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=f"{cell} / {backend}")
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

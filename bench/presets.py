@@ -1,0 +1,83 @@
+"""Benchmark presets: which shapes to sweep on each device type, and how long to time each point.
+
+smoke  CI keep-alive: tiny shapes, a few repeats, seconds in all (numbers meaningless).
+quick  under 2 minutes on the 2-core CI CPU; the tables in the README come from it.
+full   the whole grid; tens of minutes on the CPU.
+
+The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers) is added to every sweep by run.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.timing import Schedule
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+MODES = ("inference", "train")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The grid: every combination of these values is one benchmark point."""
+
+    cells: tuple[str, ...]
+    batch: tuple[int, ...]
+    hidden: tuple[int, ...]
+    seq_len: tuple[int, ...]
+    layers: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    modes: tuple[str, ...] = MODES
+
+
+@dataclass(frozen=True)
+class Preset:
+    sweeps: dict[str, Sweep]  # keyed by device type: "cpu", "cuda"
+    schedule: Schedule
+
+
+_SMOKE = Sweep(CELLS, batch=(2,), hidden=(16,), seq_len=(5,), layers=(1,), dtypes=("float32",))
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        sweeps={"cpu": _SMOKE, "cuda": _SMOKE},
+        schedule=Schedule(warmup=1, min_repeats=2, max_repeats=3, budget_s=0.0),
+    ),
+    "quick": Preset(
+        sweeps={
+            "cpu": Sweep(
+                CELLS, batch=(1, 8, 64), hidden=(64, 256), seq_len=(35,), layers=(1,), dtypes=("float32",)
+            ),
+            "cuda": Sweep(
+                CELLS,
+                batch=(16, 64, 256),
+                hidden=(256, 512, 1024),
+                seq_len=(35,),
+                layers=(1,),
+                dtypes=("float32", "bfloat16"),
+            ),
+        },
+        schedule=Schedule(warmup=2, min_repeats=5, max_repeats=200, budget_s=0.25),
+    ),
+    "full": Preset(
+        sweeps={
+            "cpu": Sweep(
+                CELLS,
+                batch=(1, 8, 32, 128),
+                hidden=(64, 128, 256, 512),
+                seq_len=(35, 128),
+                layers=(1, 2),
+                dtypes=("float32",),
+            ),
+            "cuda": Sweep(
+                CELLS,
+                batch=(1, 16, 64, 256, 1024),
+                hidden=(128, 256, 512, 1024, 2048),
+                seq_len=(35, 256),
+                layers=(1, 2),
+                dtypes=("float32", "bfloat16", "float16"),
+            ),
+        },
+        schedule=Schedule(warmup=3, min_repeats=10, max_repeats=500, budget_s=1.0),
+    ),
+}

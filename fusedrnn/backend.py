@@ -1,0 +1,97 @@
+"""Which backend runs a layer: the module's ``backend=`` argument, else ``FUSEDRNN_BACKEND``, else "auto".
+
+A backend asked for by name runs or raises (RuntimeError naming the cause and the fix). "auto" takes the
+first backend of the device's preference list that can run the (device, dtype, cell); when it has to pass
+over a faster one it warns once, saying why.
+
+Each backend is a module exposing ``forward``, ``backward``, ``workspace_shape`` (see
+``fusedrnn/reference.py`` for the contract) and ``unavailable_reason(device, dtype, mode) -> str | None``;
+importing it must be cheap and never fail (extensions load lazily, on the first ``unavailable_reason``).
+"""
+
+import importlib
+import os
+import warnings
+
+import torch
+
+NAMES = ("reference", "cpp", "triton", "cuda")
+ENV_VAR = "FUSEDRNN_BACKEND"
+_MODULES = {
+    "reference": "fusedrnn.reference",
+    "cpp": "fusedrnn.cpp",
+    "triton": "fusedrnn.triton",
+    "cuda": "fusedrnn.cuda",
+}
+# Fastest first. Triton runs on CPU tensors only under TRITON_INTERPRET=1, a testing aid: never automatic.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+_warned = set()
+
+
+def check_name(name):
+    """Validate a backend name given by the user; returns it."""
+    if name != "auto" and name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    return name
+
+
+def get(name):
+    """The backend module called ``name`` (imported on first use)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _reason(name, device_type, dtype, mode):
+    try:
+        return get(name).unavailable_reason(device_type, dtype, mode)
+    except ImportError as e:  # a backend whose Python dependencies are missing (e.g. no triton)
+        return f"cannot import it ({e})"
+
+
+def available_backends(device=None):
+    """Names of the backends that can run on ``device`` (default: CUDA when present, else CPU) in float32."""
+    device_type = torch.device(device).type if device is not None else _default_device_type()
+    return [n for n in NAMES if _reason(n, device_type, torch.float32, "lstm") is None]
+
+
+def _default_device_type():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def requested(module_choice):
+    """The effective request: the module's argument unless it is "auto", then the environment."""
+    if module_choice != "auto":
+        return module_choice
+    return check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def resolve(choice, device_type, dtype, mode):
+    """The backend name that runs (device_type, dtype, mode) for a request ``choice``."""
+    if choice != "auto":
+        reason = _reason(choice, device_type, dtype, mode)
+        if reason is not None:
+            raise RuntimeError(
+                f"fusedrnn: backend {choice!r} cannot run {mode} in {dtype} on {device_type}: {reason}. "
+                f"Pick another with backend=... or {ENV_VAR}, or 'auto' to choose automatically."
+            )
+        return choice
+    skipped = []
+    for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        reason = _reason(name, device_type, dtype, mode)
+        if reason is None:
+            _warn_fallback(skipped, name, device_type, dtype, mode)
+            return name
+        skipped.append((name, reason))
+    raise RuntimeError(f"fusedrnn: no backend can run {mode} in {dtype} on {device_type}")
+
+
+def _warn_fallback(skipped, chosen, device_type, dtype, mode):
+    key = (tuple(skipped), chosen, device_type)
+    if not skipped or key in _warned:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{n}: {r}" for n, r in skipped)
+    warnings.warn(
+        f"fusedrnn: using the {chosen!r} backend for {mode} in {dtype} on {device_type} ({why})",
+        RuntimeWarning,
+        stacklevel=4,
+    )

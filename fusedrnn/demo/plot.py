@@ -1,0 +1,21 @@
+"""Perplexity-per-epoch plot of one run, or of the fused and torch.nn runs of `--compare`."""
+from matplotlib.figure import Figure
+
+STYLES = ("-", "--")
+
+
+def supported_formats():
+    """File extensions matplotlib can write (png, pdf, svg, ...)."""
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def plot_perplexity(path, runs, title):
+    """Write a log-scale perplexity curve per run to `path`; runs: [(label, [EpochStats, ...])]."""
+    fig = Figure(figsize=(7, 4.2), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    for (label, history), style in zip(runs, STYLES):
+        ax.plot(range(1, len(history) + 1), [s.perplexity for s in history], style, label=label)
+    ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)

@@ -1,0 +1,159 @@
+"""Drop-in subclasses of torch.nn.LSTM / GRU / RNN whose forward runs fused backends.
+
+Parameters, initialisation, state_dict, constructor checks and errors are torch.nn's own (we subclass and
+keep its __init__ and checks). The forward follows torch.nn step by step: input and hx validation with the
+same exception types and messages, hx permutation for PackedSequence, zero initial states, dropout between
+layers in train() only, bidirectional outputs concatenated on the feature axis and h_n laid out as
+(num_layers * num_directions, B, P). Only the recurrence itself goes to ``fusedrnn.ops``.
+
+Shapes inside: x: (T, B, I) time-major; lengths: (B,) int64 on x's device for PackedSequence input.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backend as backends
+from .ops import run_layer
+
+
+class _Fused:
+    """Mixin holding the shared forward; must precede the torch.nn class in the bases."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backends.check_name(backend)
+        self.last_backend = None  # the backend that ran the last forward, for inspection
+
+    def extra_repr(self):
+        extra = super().extra_repr()
+        return extra if self.backend == "auto" else f"{extra}, backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is not None:
+            hx = self._match_hx_rank(hx, is_batched)
+        batch = input.size(batch_dim)
+        hx = self._zero_state(input, batch) if hx is None else hx
+        self.check_forward_args(input, hx, None)
+        x = input.transpose(0, 1) if self.batch_first else input
+        y, hidden = self._run(x, hx, None)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not is_batched:
+            y = y.squeeze(batch_dim)
+            hidden = tuple(h.squeeze(1) for h in hidden)
+        return y, self._pack_hidden(hidden)
+
+    def _forward_packed(self, packed, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        batch = int(batch_sizes[0])
+        hx = self._zero_state(data, batch) if hx is None else self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(data, hx, batch_sizes)
+        # The packed batch is in sorted order: pad it without the un-sorting pad_packed_sequence would do.
+        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        y, hidden = self._run(x, hx, lengths.to(x.device))
+        y_data = pack_padded_sequence(y, lengths).data
+        out = PackedSequence(y_data, batch_sizes, sorted_indices, unsorted_indices)
+        return out, self.permute_hidden(self._pack_hidden(hidden), unsorted_indices)
+
+    # -- cell-specific state handling (LSTM overrides) --------------------------------------------------
+    def _match_hx_rank(self, hx, is_batched):
+        expected = 3 if is_batched else 2
+        if hx.dim() != expected:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx.dim()}-D tensor")
+        return hx if is_batched else hx.unsqueeze(1)
+
+    def _zero_state(self, input, batch):
+        return torch.zeros(self._num_states(), batch, self._state_size(), dtype=input.dtype, device=input.device)
+
+    def _num_states(self):
+        return self.num_layers * (2 if self.bidirectional else 1)
+
+    def _state_size(self):
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _split_hidden(self, hx):
+        return hx, None
+
+    def _pack_hidden(self, hidden):
+        return hidden[0]
+
+    # -- the stack ----------------------------------------------------------------------------------------
+    def _layer_weights(self, index):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer-direction ``index``, None where absent.
+
+        Read by name on every call so that functional_call, parametrizations and weight swaps are seen."""
+        weights = {name.rsplit("_l", 1)[0]: getattr(self, name) for name in self._all_weights[index]}
+        return tuple(weights.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+
+    def _run(self, x, hx, lengths):
+        """x: (T, B, I); hx as given to forward (batched, permuted) -> y: (T, B, D*P), (h_n,) or (h_n, c_n)."""
+        mode = self.mode.lower()
+        name = backends.resolve(backends.requested(self.backend), x.device.type, x.dtype, mode)
+        self.last_backend = name
+        h0, c0 = self._split_hidden(hx)
+        directions = 2 if self.bidirectional else 1
+        layer_input = x.contiguous()
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                y, h, c = run_layer(
+                    layer_input, h0[index], None if c0 is None else c0[index], *self._layer_weights(index),
+                    lengths, mode, direction == 1, name,
+                )
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
+        return layer_input, hidden
+
+
+class LSTM(_Fused, nn.LSTM):
+    """torch.nn.LSTM with a fused forward. Extra keyword: ``backend`` ("auto", "reference", "cpp", ...)."""
+
+    def _match_hx_rank(self, hx, is_batched):
+        expected = 3 if is_batched else 2
+        if hx[0].dim() != expected or hx[1].dim() != expected:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {expected}-D but got "
+                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            )
+        return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+    def _zero_state(self, input, batch):
+        h = super()._zero_state(input, batch)
+        c = torch.zeros(self._num_states(), batch, self.hidden_size, dtype=input.dtype, device=input.device)
+        return h, c
+
+    def _split_hidden(self, hx):
+        return hx
+
+    def _pack_hidden(self, hidden):
+        return hidden
+
+
+class GRU(_Fused, nn.GRU):
+    """torch.nn.GRU with a fused forward. Extra keyword: ``backend``."""
+
+
+class RNN(_Fused, nn.RNN):
+    """torch.nn.RNN (tanh or relu) with a fused forward. Extra keyword: ``backend``."""
+
+
+FUSED_CLASSES = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}

@@ -1,0 +1,221 @@
+"""Pure-PyTorch backend: the specification every fused backend implements, and the test oracle.
+
+One call runs ONE layer in ONE direction over a whole sequence. The math, in torch.nn's conventions
+(gate rows in the order given; ``s`` is the logistic sigmoid; all products are row-vector times W^T):
+
+  lstm      (i, f, g, o):  G = x W_ih^T + b_ih + h W_hh^T + b_hh
+                           i, f, o = s(G_i), s(G_f), s(G_o);  g = tanh(G_g)
+                           c' = f * c + i * g;  h' = o * tanh(c')      [with proj: h' = (o * tanh(c')) W_hr^T]
+  gru       (r, z, n):     A = x W_ih^T + b_ih;  Bh = h W_hh^T + b_hh
+                           r = s(A_r + Bh_r);  z = s(A_z + Bh_z);  n = tanh(A_n + r * Bh_n)
+                           h' = (1 - z) * n + z * h                    [r multiplies Bh_n, bias included]
+  rnn_tanh / rnn_relu:     h' = tanh|relu(x W_ih^T + b_ih + h W_hh^T + b_hh)
+
+Variable lengths (PackedSequence): sequence b only has steps t < lengths[b]. At a step outside it the
+state is HELD (h' = h, c' = c), so in the reverse direction the held value is h0 until the sequence
+starts. y[t] is the state after step t, held value included; callers must ignore y at padded steps and
+backward ignores dy there. Holding (a select, never a multiply) keeps NaN/Inf of padding out.
+
+Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module exposes these three):
+
+  forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse) -> (y, h_n, c_n, ws)
+  backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n)
+      -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+  workspace_shape(mode, T, B, H, P) -> shape of ws (its dtype is x's)
+
+  mode: "lstm" | "gru" | "rnn_tanh" | "rnn_relu";  G gates: 4 | 3 | 1;  P = proj_size or H
+  x: (T, B, I) contiguous, time-major     h0: (B, P)     c0: (B, H) for lstm, else None
+  w_ih: (G*H, I)   w_hh: (G*H, P)   b_ih, b_hh: (G*H,) or None   w_hr: (P, H) for lstm with proj, else None
+  lengths: (B,) int64 on x's device, or None (every sequence has T steps)
+  reverse: run t = T-1 .. 0
+  y: (T, B, P)   h_n: (B, P)   c_n: (B, H) or None
+  ws: backend-private activations saved for ITS backward; opaque to everyone else.
+  dy: (T, B, P)  dh_n: (B, P)  dc_n: (B, H) or None; every gradient has its tensor's shape, None where
+  the tensor is None.
+Outputs are fresh tensors: none aliases an input or another output (torch.library's rule).
+
+This backend's ws: lstm (T, B, 5H) = activated i, f, g, o and c_t (held); gru (T, B, 4H) = r, z, n and
+Bh_n; rnn (T, B, 0) (tanh' and relu' follow from y). Backward is hand-written BPTT: one GEMM per step
+for dh_{t-1}, then the weight and input gradients as single GEMMs over the whole sequence.
+"""
+
+import torch
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+_WS_GATES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+
+
+def workspace_shape(mode, T, B, H, P):
+    return (T, B, _WS_GATES[mode] * H)
+
+
+def unavailable_reason(device, dtype, mode):
+    """Why this backend cannot run for (device, dtype, mode), or None. The reference runs everywhere."""
+    return None
+
+
+def _time_order(T, reverse):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _input_projection(x, w_ih, b_ih):
+    """x: (T, B, I) -> (T, B, G*H): x W_ih^T + b_ih for every step in one GEMM."""
+    T, B, I = x.shape
+    flat = x.reshape(T * B, I)
+    out = torch.addmm(b_ih, flat, w_ih.t()) if b_ih is not None else flat @ w_ih.t()
+    return out.view(T, B, -1)
+
+
+def _hidden_projection(h, w_hh, b_hh):
+    return torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h @ w_hh.t()
+
+
+def _lstm_step(gx, gh, c, w_hr):
+    i, f, g, o = (gx + gh).chunk(4, dim=1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    c_new = f * c + i * g
+    h_new = o * c_new.tanh()
+    if w_hr is not None:
+        h_new = h_new @ w_hr.t()
+    return h_new, c_new, torch.cat((i, f, g, o, c_new), dim=1)
+
+
+def _gru_step(gx, gh, h):
+    ar, az, an = gx.chunk(3, dim=1)
+    br, bz, bn = gh.chunk(3, dim=1)
+    r = (ar + br).sigmoid()
+    z = (az + bz).sigmoid()
+    n = (an + r * bn).tanh()
+    h_new = n + z * (h - n)
+    return h_new, torch.cat((r, z, n, bn), dim=1)
+
+
+def _rnn_step(mode, gx, gh):
+    pre = gx + gh
+    return pre.tanh() if mode == "rnn_tanh" else pre.relu()
+
+
+def _valid(t, lengths):
+    """(B, 1) bool: which sequences have a step t; None when all do."""
+    return None if lengths is None else (lengths > t).unsqueeze(1)
+
+
+def _hold(valid, new, old):
+    return new if valid is None else torch.where(valid, new, old)
+
+
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // GATES[mode]
+    gx = _input_projection(x, w_ih, b_ih)
+    y = x.new_empty(T, B, h0.shape[1])
+    ws = x.new_empty(workspace_shape(mode, T, B, H, h0.shape[1]))
+    h, c = h0, c0
+    for t in _time_order(T, reverse):
+        gh = _hidden_projection(h, w_hh, b_hh)
+        valid = _valid(t, lengths)
+        if mode == "lstm":
+            h_new, c_new, act = _lstm_step(gx[t], gh, c, w_hr)
+            c = _hold(valid, c_new, c)
+            act[:, 4 * H :] = c
+            ws[t] = act
+        elif mode == "gru":
+            h_new, act = _gru_step(gx[t], gh, h)
+            ws[t] = act
+        else:
+            h_new = _rnn_step(mode, gx[t], gh)
+        h = _hold(valid, h_new, h)
+        y[t] = h
+    c_n = c.clone() if mode == "lstm" else None
+    return y, h.clone(), c_n, ws
+
+
+def _previous(seq, first, reverse):
+    """The state each step starts from: seq shifted one step against the direction, `first` at the start.
+
+    seq: (T, B, K) states after each step; first: (B, K) -> (T, B, K)."""
+    if reverse:
+        return torch.cat((seq[1:], first.unsqueeze(0)), dim=0)
+    return torch.cat((first.unsqueeze(0), seq[:-1]), dim=0)
+
+
+def _lstm_gate_grads(dh, dc, act, c_prev, H, w_hr):
+    """One LSTM step backward through the elementwise part. dh: (B, P) -> gate grads (B, 4H), dc_prev."""
+    i, f, g, o, c = act.split(H, dim=1)
+    if w_hr is not None:
+        dh = dh @ w_hr
+    tc = c.tanh()
+    dc = dc + dh * o * (1 - tc * tc)
+    di = dc * g * i * (1 - i)
+    df = dc * c_prev * f * (1 - f)
+    dg = dc * i * (1 - g * g)
+    do = dh * tc * o * (1 - o)
+    return torch.cat((di, df, dg, do), dim=1), dc * f
+
+
+def _gru_gate_grads(dh, act, h_prev, H):
+    """One GRU step backward. -> grads w.r.t. (A, Bh) pre-activations (each (B, 3H)) and the direct dh_prev."""
+    r, z, n, bn = act.split(H, dim=1)
+    dn = dh * (1 - z) * (1 - n * n)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dr = dn * bn * r * (1 - r)
+    return torch.cat((dr, dz, dn), dim=1), torch.cat((dr, dz, dn * r), dim=1), dh * z
+
+
+def _rnn_gate_grads(mode, dh, h):
+    return dh * (1 - h * h) if mode == "rnn_tanh" else dh * (h > 0).to(dh.dtype)
+
+
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // GATES[mode]
+    h_prev = _previous(y, h0, reverse)
+    c_prev = _previous(ws[:, :, 4 * H :], c0, reverse) if mode == "lstm" else None
+    dgx = x.new_empty(T, B, w_hh.shape[0])  # grads of the input-side pre-activations
+    dgh = x.new_empty(T, B, w_hh.shape[0]) if mode == "gru" else dgx  # hidden side (GRU's n row differs)
+    dhy = x.new_empty(T, B, h0.shape[1]) if w_hr is not None else None  # dL/dh_t, for dW_hr
+    dh = dh_n
+    dc = dc_n if mode == "lstm" else None
+    for t in reversed(_time_order(T, reverse)):
+        valid = _valid(t, lengths)
+        dh_t = dh + (dy[t] if valid is None else torch.where(valid, dy[t], 0))
+        if mode == "lstm":
+            gx_grad, dc_prev = _lstm_gate_grads(dh_t, dc, ws[t], c_prev[t], H, w_hr)
+            gh_grad, direct = gx_grad, None
+            dc = _hold(valid, dc_prev, dc)
+        elif mode == "gru":
+            gx_grad, gh_grad, direct = _gru_gate_grads(dh_t, ws[t], h_prev[t], H)
+        else:
+            gx_grad = gh_grad = _rnn_gate_grads(mode, dh_t, y[t])
+            direct = None
+        if valid is not None:
+            gx_grad = torch.where(valid, gx_grad, 0)
+            gh_grad = torch.where(valid, gh_grad, 0)
+        dgx[t] = gx_grad
+        if mode == "gru":
+            dgh[t] = gh_grad
+        if dhy is not None:
+            dhy[t] = torch.where(valid, dh_t, 0) if valid is not None else dh_t
+        dh_prev = gh_grad @ w_hh
+        if direct is not None:
+            dh_prev = dh_prev + direct
+        dh = _hold(valid, dh_prev, dh_t)
+    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh, dc, H)
+
+
+def _flat(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh0, dc0, H):
+    """Everything that is not sequential, as single GEMMs over all T*B rows."""
+    dx = (_flat(dgx) @ w_ih).view_as(x)
+    dw_ih = _flat(dgx).t() @ _flat(x)
+    dw_hh = _flat(dgh).t() @ _flat(h_prev)
+    db_ih = _flat(dgx).sum(0) if b_ih is not None else None
+    db_hh = _flat(dgh).sum(0) if b_ih is not None else None
+    dw_hr = None
+    if w_hr is not None:
+        o, c = ws[:, :, 3 * H : 4 * H], ws[:, :, 4 * H :]
+        dw_hr = _flat(dhy).t() @ _flat(o * c.tanh())
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr

@@ -1,0 +1,162 @@
+"""Shared test oracle, tolerance table, seeds and markers.
+
+The oracle (flash-attention's): for every output and gradient,
+    err(fused) <= FACTOR * err(torch.nn in the same dtype) + FLOOR[dtype]
+where err(a) = ||a - ref|| / ||ref|| and ref is torch.nn run in float64 on the same weights and inputs.
+FACTOR is 2 for outputs and 3 for gradients; FLOOR absorbs cases where torch.nn happens to be exact.
+
+GPU tests carry the ``gpu`` marker and are skipped without CUDA; nothing here touches CUDA at import.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+from torch import nn
+
+# Without a GPU, Triton kernels run on CPU tensors through its interpreter; this must be set before any
+# kernel module is imported. is_available() only asks the driver; it creates no CUDA context.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedrnn  # noqa: E402
+
+# ---- the one tolerance table ----------------------------------------------------------------------------
+FACTOR = {"output": 2.0, "grad": 3.0}
+FLOOR = {  # relative error allowed on top of FACTOR * err(torch.nn)
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+FUSED_CLASSES = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: longer than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("gpu") for item in items) and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+# ---- building matching models ---------------------------------------------------------------------------
+def cell_kwargs(cell, proj_size=0):
+    kwargs = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    return kwargs
+
+
+def make_pair(cell, input_size, hidden_size, backend="auto", dtype=torch.float32, device="cpu", **kwargs):
+    """(fused, torch.nn) models of one cell kind with identical weights. kwargs go to both constructors."""
+    kwargs = {**cell_kwargs(cell), **kwargs}
+    fused = FUSED_CLASSES[cell](input_size, hidden_size, backend=backend, dtype=dtype, device=device, **kwargs)
+    ref = TORCH_CLASSES[cell](input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def rel_err(a, ref):
+    a, ref = a.double(), ref.double()
+    scale = ref.norm().clamp_min(1e-30)
+    return ((a - ref).norm() / scale).item()
+
+
+# ---- running a model and collecting everything the oracle compares ---------------------------------------
+def _flatten_out(out):
+    """Model output -> tuple of tensors (y, h_n[, c_n]); PackedSequence contributes its data."""
+    y, hidden = out
+    y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    return (y, *hidden)
+
+
+def run_model(model, x, hx=None, grad_seed=1):
+    """Forward + backward with fixed random output gradients.
+
+    x: a tensor or PackedSequence (leaf tensors inside require grad); hx: tensor / (h, c) / None.
+    Returns {"out": [y, h_n, (c_n)], "grad": [dx, dhx.., d params..]}."""
+    out = _flatten_out(model(x, hx))
+    g = torch.Generator().manual_seed(grad_seed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in out]
+    leaves = [x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x]
+    leaves += [h for h in (hx if isinstance(hx, tuple) else (hx,)) if h is not None]
+    leaves += list(model.parameters())
+    grads = torch.autograd.grad(out, leaves, cotangents, allow_unused=True)
+    return {"out": [o.detach() for o in out], "grad": list(grads)}
+
+
+def _cast_inputs(x, hx, dtype, device):
+    def cast(t):
+        return t.detach().to(device=device, dtype=dtype).requires_grad_(True)
+
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        x = nn.utils.rnn.PackedSequence(cast(x.data), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    else:
+        x = cast(x)
+    if isinstance(hx, tuple):
+        hx = tuple(cast(h) for h in hx)
+    elif hx is not None:
+        hx = cast(hx)
+    return x, hx
+
+
+def check_oracle(fused, ref, x, hx=None, dtype=torch.float32, device="cpu"):
+    """Assert the flash-attention oracle for ``fused`` vs ``ref`` (a torch.nn model with the same weights).
+
+    x, hx are float64 CPU tensors (or a PackedSequence); they are cast to (dtype, device) for the two
+    models under test and kept in float64 for the reference run. Returns the error table for reporting."""
+    gold = ref.to(device="cpu", dtype=torch.float64)
+    truth = run_model(gold, *_cast_inputs(x, hx, torch.float64, "cpu"))
+    fused, ref = fused.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype)
+    got = run_model(fused, *_cast_inputs(x, hx, dtype, device))
+    base = run_model(ref, *_cast_inputs(x, hx, dtype, device))
+    table = []
+    for kind in ("out", "grad"):
+        factor = FACTOR["output" if kind == "out" else "grad"]
+        for i, (a, b, t) in enumerate(zip(got[kind], base[kind], truth[kind])):
+            if t is None:
+                assert a is None, f"{kind}[{i}]: fused has a gradient where torch.nn has none"
+                continue
+            assert a is not None, f"{kind}[{i}]: fused has no gradient"
+            assert torch.isfinite(a).all(), f"{kind}[{i}]: non-finite values"
+            err_f, err_t = rel_err(a.cpu(), t), rel_err(b.cpu(), t)
+            table.append((kind, i, err_f, err_t))
+            assert err_f <= factor * err_t + FLOOR[dtype], (
+                f"{kind}[{i}]: fused err {err_f:.3e} > {factor} x torch.nn err {err_t:.3e} + {FLOOR[dtype]:.0e}"
+            )
+    return table
+
+
+def random_input(T, B, I, batch_first=False, dtype=torch.float64):
+    shape = (B, T, I) if batch_first else (T, B, I)
+    return torch.randn(shape, dtype=dtype)
+
+
+def random_hx(cell, num_states, B, hidden_size, proj_size=0, dtype=torch.float64):
+    h = torch.randn(num_states, B, proj_size or hidden_size, dtype=dtype)
+    if cell == "lstm":
+        return h, torch.randn(num_states, B, hidden_size, dtype=dtype)
+    return h
+
+
+def random_packed(lengths, I, enforce_sorted=False, dtype=torch.float64):
+    """A PackedSequence of random sequences with the given lengths (any order)."""
+    seqs = [torch.randn(n, I, dtype=dtype) for n in lengths]
+    return nn.utils.rnn.pack_sequence(seqs, enforce_sorted=enforce_sorted)

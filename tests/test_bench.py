@@ -1,0 +1,135 @@
+"""bench/: the smoke preset runs end to end, failures stay visible, bad options fail in one line.
+
+Timings are never asserted (speed lives in bench/results/); the timing utilities are checked on
+their arithmetic and call order with fake workloads.
+"""
+
+import csv
+import json
+import types
+
+import pytest
+import torch
+
+from bench import run, timing
+from bench.presets import Sweep
+
+
+def run_cli(tmp_path, *options):
+    """bench/run.py's main on the CPU with results in tmp_path: (exit code, rows, meta)."""
+    code = run.main(["--device", "cpu", "--out-dir", str(tmp_path), "--quiet", *options])
+    (json_path,) = tmp_path.glob("*.json")
+    data = json.loads(json_path.read_text())
+    return code, data["results"], data["meta"]
+
+
+def test_smoke_preset_reports_every_point_and_backend(tmp_path, capsys):
+    code, rows, meta = run_cli(tmp_path, "--preset", "smoke", "--strict")
+    assert code == 0  # --strict: no backend errored (n/a is allowed)
+    points = run.sweep_points(run.PRESETS["smoke"].sweeps["cpu"], None)
+    backends = ("torch.nn", *run.FUSED_BACKENDS["cpu"])
+    assert [(r["cell"], r["mode"], r["batch"], r["hidden"], r["backend"]) for r in rows] == [
+        (p.cell, p.mode, p.batch, p.hidden, b) for p in points for b in backends
+    ]
+    assert {(r["mode"], r["seq_len"], r["batch"], r["input_size"], r["hidden"], r["layers"])
+            for r in rows if r["tag"] == "book"} == {(m, 35, 32, 28, 256, 2) for m in ("inference", "train")}  # fmt: skip
+    for r in rows:
+        assert r["status"] == "ok" or r["status"].startswith("n/a: "), r["status"]
+        if r["status"] == "ok":
+            assert r["repeats"] >= 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+            assert r["max_diff"] < 1e-4  # same weights and inputs as torch.nn
+    assert all(r["status"] == "ok" and r["speedup"] == 1.0 for r in rows if r["backend"] == "torch.nn")
+    for key in ("device", "date", "torch", "triton", "python", "git_commit", "dtypes", "command"):
+        assert meta[key], key
+    with next(tmp_path.glob("*.csv")).open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and csv_rows[0]["device"] == meta["device"]
+    assert next(tmp_path.glob("*.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "lstm*" in table and "speed-up" in table
+
+
+def test_unavailable_backend_is_a_row_not_dropped(tmp_path):
+    code, rows, _ = run_cli(
+        tmp_path, "--preset", "smoke", "--cells", "rnn_tanh", "--modes", "inference", "--backends", "cuda", "--no-plot"
+    )
+    assert code == 0
+    assert [r["backend"] for r in rows] == ["torch.nn", "cuda"] * 2  # the book's model, then the grid point
+    assert all(r["status"].startswith("n/a: ") and r["median_ms"] is None for r in rows if r["backend"] == "cuda")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_backend_that_did_not_run_is_an_error():
+    module = types.SimpleNamespace(last_backend="reference")
+    with pytest.raises(RuntimeError, match="asked for 'cpp' but 'reference' ran"):
+        run.ran_backend(module, "cpp")
+    assert run.ran_backend(module, "auto") == "reference"
+
+
+def test_book_model_is_included_once():
+    sweep = Sweep(("lstm", "gru"), batch=(32,), hidden=(256,), seq_len=(35,), layers=(2,), dtypes=("float32",),
+                  modes=("train",))  # fmt: skip
+    points = run.sweep_points(sweep, input_size=28)
+    assert [(p.cell, p.tag) for p in points] == [("lstm", "book"), ("gru", "")]
+
+
+BAD_OPTIONS = [
+    ["--batch", "0"],
+    ["--hidden", "x"],
+    ["--seq-len", ","],
+    ["--cells", "lstm,lstmx"],
+    ["--dtypes", "float8"],
+    ["--modes", "eval"],
+    ["--backends", "cudnn"],
+    ["--preset", "huge"],
+    ["--device", "tpu"],
+    ["--device", "nonsense"],
+    ["--repeats", "-1"],
+    ["--unknown"],
+]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append(["--device", "cuda"])
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS, ids=" ".join)
+def test_bad_option_is_a_one_line_error(options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(options)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("bench/run.py: error: ")
+
+
+def test_summarize_is_median_iqr_and_extremes():
+    stats = timing.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert stats == timing.Stats(median_ms=3.0, q25_ms=2.0, q75_ms=4.0, min_ms=1.0, max_ms=5.0, repeats=5)
+    assert timing.summarize([7.0]) == timing.Stats(7.0, 7.0, 7.0, 7.0, 7.0, 1)
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+def test_repeats_fill_the_budget_within_bounds():
+    schedule = timing.Schedule(warmup=1, min_repeats=5, max_repeats=50, budget_s=0.1)
+    assert timing.repeats_for(10.0, schedule) == 10
+    assert timing.repeats_for(1000.0, schedule) == 5
+    assert timing.repeats_for(0.001, schedule) == 50
+
+
+def test_time_interleaved_rotates_the_order_each_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    schedule = timing.Schedule(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)
+    stats = timing.time_interleaved(fns, torch.device("cpu"), schedule)
+    warm_up, timed = calls[:3], calls[3:]
+    assert warm_up == list("abc")
+    assert timed == list("abc" "bca" "cab")
+    assert {name: s.repeats for name, s in stats.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_cpu_peak_memory_sees_a_large_temporary():
+    size = 64 * 2**20
+    peak = timing.peak_memory_bytes(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert size * 0.9 <= peak <= size * 2
