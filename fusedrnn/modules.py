@@ -96,12 +96,29 @@ class _Fused:
         weights = {name.rsplit("_l", 1)[0]: getattr(self, name) for name in self._all_weights[index]}
         return tuple(weights.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
+    def _check_states(self, x, states):
+        """What torch.nn checks inside its kernels, with clearer messages (same exception type)."""
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        for state in states:
+            if state.device != x.device:
+                raise RuntimeError(
+                    f"Input and hidden tensors are not at the same device, found input tensor at {x.device} "
+                    f"and hidden tensor at {state.device}"
+                )
+            if state.dtype != x.dtype:
+                raise RuntimeError(f"hx dtype ({state.dtype}) does not match input dtype ({x.dtype})")
+
     def _run(self, x, hx, lengths):
         """x: (T, B, I); hx as given to forward (batched, permuted) -> y: (T, B, D*P), (h_n,) or (h_n, c_n)."""
         mode = self.mode.lower()
-        name = backends.resolve(backends.requested(self.backend), x.device.type, x.dtype, mode)
-        self.last_backend = name
         h0, c0 = self._split_hidden(hx)
+        self._check_states(x, [h0] if c0 is None else [h0, c0])
+        if x.size(1) == 0:  # an empty batch has nothing to compute; the reference handles it without kernels
+            name = "reference"
+        else:
+            name = backends.resolve(backends.requested(self.backend), x.device.type, x.dtype, mode)
+        self.last_backend = name
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()
         h_n, c_n = [], []

@@ -63,7 +63,7 @@ def _input_projection(x, w_ih, b_ih):
     T, B, I = x.shape
     flat = x.reshape(T * B, I)
     out = torch.addmm(b_ih, flat, w_ih.t()) if b_ih is not None else flat @ w_ih.t()
-    return out.view(T, B, -1)
+    return out.view(T, B, w_ih.shape[0])
 
 
 def _hidden_projection(h, w_hh, b_hh):

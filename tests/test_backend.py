@@ -1,0 +1,59 @@
+"""Backend selection: argument > FUSEDRNN_BACKEND > auto; named backends run or raise; auto warns once."""
+
+import warnings
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import backend as backends
+
+
+def test_reference_always_available():
+    assert "reference" in fusedrnn.available_backends("cpu")
+    assert "reference" in fusedrnn.available_backends()
+
+
+def test_argument_beats_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    model = fusedrnn.GRU(3, 4, backend="reference")
+    model(torch.randn(2, 1, 3))
+    assert model.last_backend == "reference"
+
+
+def test_environment_beats_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    model = fusedrnn.GRU(3, 4)
+    model(torch.randn(2, 1, 3))
+    assert model.last_backend == "reference"
+
+
+def test_bad_environment_value(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="backend must be"):
+        fusedrnn.GRU(3, 4)(torch.randn(2, 1, 3))
+
+
+def test_named_backend_that_cannot_run_raises_with_reason():
+    model = fusedrnn.LSTM(3, 4, backend="cuda")  # no CUDA tensors here
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        model(torch.randn(2, 1, 3))
+
+
+def test_auto_picks_first_available_and_warns_once(monkeypatch):
+    fake_reasons = {"cpp": "pretend the extension failed to build", "reference": None}
+    monkeypatch.setattr(backends, "_reason", lambda name, *a: fake_reasons[name])
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert backends.resolve("auto", "cpu", torch.float32, "lstm") == "reference"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "pretend the extension failed" in messages[0]
+
+
+def test_auto_on_cpu_uses_the_fastest_available():
+    model = fusedrnn.RNN(3, 4)
+    model(torch.randn(2, 1, 3))
+    expected = "cpp" if "cpp" in fusedrnn.available_backends("cpu") else "reference"
+    assert model.last_backend == expected
