@@ -42,7 +42,7 @@ def _extensions():
     if cuda_sources and _wanted("FUSEDRNN_BUILD_CUDA", has_cuda):
         exts.append(
             cpp_extension.CUDAExtension(
-                "fusedrnn._cuda", cuda_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]}
+                "fusedrnn._cuda", cuda_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]}
             )
         )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)} if exts else {}

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 AXES = (("batch", "hidden"), ("hidden", "batch"))  # (x axis, dimension held at its largest value)
+COLORS = {"lstm": "tab:blue", "gru": "tab:orange", "rnn_tanh": "tab:green", "rnn_relu": "tab:red"}
+STYLES = {"reference": ":", "cpp": "-", "triton": "--", "cuda": "-", "auto": "-."}
+MARKERS = {"reference": "x", "cpp": "o", "triton": "s", "cuda": "^", "auto": "d"}
 
 
 def _largest(rows: list[dict], key: str) -> int:
@@ -30,17 +33,25 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
     """Draw the fused backends' speed-ups in rows (dicts of bench/run.py's Row) into path."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    usable = [r for r in rows if r["status"] == "ok" and r["speedup"] and r["tag"] != "book" and r["backend"] != "torch.nn"]
-    groups = sorted({(r["dtype"], r["mode"]) for r in rows if r["tag"] != "book"})
+    grid = [r for r in rows if r["tag"] != "book"]
+    usable = [r for r in grid if r["status"] == "ok" and r["speedup"] and r["backend"] != "torch.nn"]
+    groups = sorted({(r["dtype"], r["mode"]) for r in grid})
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.8 * len(groups)), squeeze=False)
     for (dtype, mode), panels in zip(groups, axes):
         group = [r for r in usable if r["dtype"] == dtype and r["mode"] == mode]
         for ax, (x, held) in zip(panels, AXES):
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+            ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # speed-ups are ratios: 2x and 0.5x equally far from 1
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(x)
             ax.set_ylabel("speed-up vs torch.nn")
             if not group:
@@ -50,7 +61,9 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
                          f"L={_largest(group, 'layers')}", fontsize=9)  # fmt: skip
             for (cell, backend), points in sorted(_series(group, x, held).items()):
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=f"{cell} / {backend}")
+                ax.plot(xs, ys, color=COLORS[cell], linestyle=STYLES[backend], marker=MARKERS[backend],
+                        label=f"{cell} / {backend}")  # fmt: skip
+                ax.set_xticks(sorted({r[x] for r in group}))
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -41,12 +41,12 @@ _SMOKE = Sweep(CELLS, batch=(2,), hidden=(16,), seq_len=(5,), layers=(1,), dtype
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         sweeps={"cpu": _SMOKE, "cuda": _SMOKE},
-        schedule=Schedule(warmup=1, min_repeats=2, max_repeats=3, budget_s=0.0),
+        schedule=Schedule(warmup=1, min_repeats=2, max_repeats=2, budget_s=0.0),
     ),
     "quick": Preset(
         sweeps={
             "cpu": Sweep(
-                CELLS, batch=(1, 8, 64), hidden=(64, 256), seq_len=(35,), layers=(1,), dtypes=("float32",)
+                CELLS, batch=(1, 8, 32), hidden=(64, 256), seq_len=(35,), layers=(1,), dtypes=("float32",)
             ),
             "cuda": Sweep(
                 CELLS,

@@ -162,19 +162,20 @@ class Case:
     def __init__(self, module: torch.nn.Module, inputs: Inputs, mode: str):
         self.module, self.inputs, self.mode = module, inputs, mode
 
-    def __call__(self) -> None:
+    def __call__(self) -> torch.Tensor:
+        """One step; returns the output y: (T, B, H)."""
         if self.mode == "inference":
             with torch.no_grad():
-                self.module(self.inputs.x, self.inputs.hx)
-            return
-        self.module.zero_grad(set_to_none=True)  # fresh gradient buffers, as in a training step
-        self.inputs.x.grad = None
+                return self.module(self.inputs.x, self.inputs.hx)[0]
+        self.drop_grads()
         out, _ = self.module(self.inputs.x, self.inputs.hx)
         out.backward(self.inputs.grad_out)
+        return out.detach()
 
-    def output(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.module(self.inputs.x, self.inputs.hx)[0]
+    def drop_grads(self) -> None:
+        """Free the gradients: each training step then allocates them, as with zero_grad()."""
+        self.module.zero_grad(set_to_none=True)
+        self.inputs.x.grad = None
 
 
 def baseline_module(point: Point, device: torch.device) -> torch.nn.Module:
@@ -223,58 +224,66 @@ def short(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
-def fused_availability(device: torch.device) -> tuple[set[str], str | None]:
-    """(backends fusedrnn can run on device, why none can when fusedrnn does not import)."""
+def unavailable_reason(backend: str, point: Point, device: torch.device) -> str | None:
+    """Why fusedrnn says backend cannot run point's cell and dtype on device; None if it can.
+
+    Asks the resolver that makes a module raise for an unavailable backend, so "n/a" rows are the
+    library's own verdict and any other failure of a backend is an error.
+    """
+    if backend == BASELINE:
+        return None
     try:
-        import fusedrnn
-    except Exception as error:  # shown in every fused row, not hidden
-        return set(), f"fusedrnn does not import: {short(error)}"
-    return set(fusedrnn.available_backends(device)), None
+        from fusedrnn.backend import resolve
+    except Exception as error:  # then every fused row says why
+        return f"fusedrnn does not import: {short(error)}"
+    try:
+        resolve(backend, device.type, DTYPES[point.dtype], point.cell)
+    except RuntimeError as error:
+        return first_line(error)
+    return None
 
 
-def failure_status(backend: str, error: BaseException, available: set[str]) -> str:
-    if backend not in available and backend not in (BASELINE, "auto"):
-        return f"n/a: {first_line(error)}"
-    return f"error: {short(error)}"
+def prepare_cases(point: Point, config: Config):
+    """Build and probe one case per backend.
 
-
-def prepare_cases(point: Point, config: Config, available: set[str], import_error: str | None):
-    """Build and probe one case per backend: ({backend: case}, {backend: ran}, {backend: failure})."""
+    Returns {backend: case}, {backend: what ran}, {backend: output of the probe}, {backend: failure}.
+    """
     torch.manual_seed(config.seed)
     baseline = baseline_module(point, config.device)
     inputs = Inputs(point, config.device)
-    cases, ran, failures = {}, {}, {}
+    cases, ran, outputs, failures = {}, {}, {}, {}
     for backend in config.backends:
-        if backend != BASELINE and import_error:
-            failures[backend] = f"n/a: {import_error}"
+        reason = unavailable_reason(backend, point, config.device)
+        if reason:
+            failures[backend] = f"n/a: {reason}"
             continue
         try:
             module = baseline if backend == BASELINE else fused_module(point, backend, baseline)
             case = Case(module, inputs, point.mode)
-            case()  # the probe: fails fast, and compiles or allocates before the warm-up
+            outputs[backend] = case()  # the probe: fails fast, and compiles or allocates before the warm-up
             ran[backend] = ran_backend(module, backend)
             cases[backend] = case
         except Exception as error:
-            failures[backend] = failure_status(backend, error, available)
-    return cases, ran, failures
+            failures[backend] = f"error: {short(error)}"
+    return cases, ran, outputs, failures
 
 
-def max_diff(case: Case, reference: torch.Tensor | None) -> float | None:
+def max_diff(output: torch.Tensor, reference: torch.Tensor | None) -> float | None:
     if reference is None:
         return None
-    return (case.output().double() - reference.double()).abs().max().item()
+    return (output.double() - reference.double()).abs().max().item()
 
 
-def measure_point(point: Point, config: Config, available: set[str], import_error: str | None) -> list[Row]:
+def measure_point(point: Point, config: Config) -> list[Row]:
     """Rows for every backend at point, in config.backends order."""
-    cases, ran, failures = prepare_cases(point, config, available, import_error)
+    cases, ran, outputs, failures = prepare_cases(point, config)
     try:
         stats = time_interleaved(cases, config.device, config.schedule)
     except Exception as error:  # a backend that passed the probe failed later: no timings here
         failures.update({backend: f"error: {short(error)}" for backend in cases})
         cases, stats = {}, {}
     base = stats.get(BASELINE)
-    reference = cases[BASELINE].output() if BASELINE in cases else None
+    reference = outputs.get(BASELINE)
     fields = {f.name: getattr(point, f.name) for f in dataclasses.fields(Point)}
     rows = []
     for backend in config.backends:
@@ -282,6 +291,7 @@ def measure_point(point: Point, config: Config, available: set[str], import_erro
             rows.append(Row(**fields, backend=backend, status=failures[backend]))
             continue
         timing = stats[backend]
+        cases[backend].drop_grads()  # so the peak counts them
         memory = peak_memory_bytes(cases[backend], config.device)
         rows.append(
             Row(
@@ -293,7 +303,7 @@ def measure_point(point: Point, config: Config, available: set[str], import_erro
                 tokens_per_s=point.tokens / (timing.median_ms / 1e3),
                 speedup=base.median_ms / timing.median_ms if base else None,
                 peak_mem_mb=None if memory is None else memory / 2**20,
-                max_diff=max_diff(cases[backend], reference),
+                max_diff=max_diff(outputs[backend], reference),
             )
         )
     return rows
@@ -303,13 +313,12 @@ def run_sweep(config: Config, progress: bool = True) -> list[Row]:
     """Measure every point of config; rows in point order, backends in config order."""
     if config.device.type == "cuda":
         torch.cuda.set_device(config.device)  # timing events record on the current device's stream
-    available, import_error = fused_availability(config.device)
     points = sweep_points(config.sweep, config.input_size)
     rows: list[Row] = []
     with tqdm(points, unit="point", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         for point in bar:
             bar.set_postfix_str(point.label(), refresh=True)
-            rows.extend(measure_point(point, config, available, import_error))
+            rows.extend(measure_point(point, config))
     return rows
 
 
@@ -350,7 +359,8 @@ def format_table(rows: list[Row]) -> str:
             padded[-1] = line[-1]
         text.append("  ".join(padded).rstrip())
     text.insert(1, "-" * len(text[0]))
-    return "\n".join(text) + "\n(* the book's model; speed-up = torch.nn median / this median; IQR = 25th-75th percentile)"
+    legend = "(* the book's model; speed-up = torch.nn median / this median; IQR = 25th-75th percentile)"
+    return "\n".join([*text, legend])
 
 
 def cpu_model() -> str:
@@ -404,6 +414,10 @@ def metadata(config: Config, argv: list[str]) -> dict:
         "schedule": dataclasses.asdict(config.schedule),
         "seed": config.seed,
         "load_average_1min": os.getloadavg()[0],  # other work on the machine skews the numbers
+        "timer": "CUDA events after a synchronize" if config.device.type == "cuda" else "host perf_counter",
+        "peak_memory": "max_memory_allocated - memory_allocated before the call"
+        if config.device.type == "cuda"
+        else "peak RSS (VmHWM after clear_refs) - RSS before the call, after malloc_trim",
     }
     if config.device.type == "cuda":
         meta.update(
@@ -430,6 +444,51 @@ def write_csv(path: Path, rows: list[Row], meta: dict) -> None:
 
 def write_json(path: Path, rows: list[Row], meta: dict) -> None:
     path.write_text(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
+
+
+def _markdown_table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(l) + " |" for l in lines)]
+
+
+def _brief_status(r: Row) -> str:
+    return r.status.split(":")[0]  # "n/a" or "error"; the CSV has the reason
+
+
+def book_table(rows: list[Row]) -> list[str]:
+    """Every backend on the book's model: time, spread, throughput, speed-up, memory."""
+    lines = [
+        [r.mode, r.dtype, r.backend, f"{r.median_ms:.2f} ({r.q25_ms:.2f}-{r.q75_ms:.2f})", f"{r.tokens_per_s:,.0f}",
+         _num(r.speedup, ".2f", "x"), _num(r.peak_mem_mb, ".1f")]
+        if r.status == "ok" else [r.mode, r.dtype, r.backend, _brief_status(r), "", "", ""]
+        for r in rows if r.tag == "book"
+    ]  # fmt: skip
+    return _markdown_table(["mode", "dtype", "backend", "median ms (IQR)", "tokens/s", "speed-up", "peak MB"], lines)
+
+
+def speedup_table(rows: list[Row]) -> list[str]:
+    """Speed-up of each fused backend over torch.nn: one line per (backend, cell, mode, dtype, T, L),
+    one column per (batch, hidden)."""
+    grid = [r for r in rows if r.tag != "book" and r.backend != BASELINE]
+    columns = sorted({(r.batch, r.hidden) for r in grid})
+    lines: dict[tuple, dict] = {}
+    for r in grid:
+        key = (r.backend, r.cell, r.mode, r.dtype, str(r.seq_len), str(r.layers))
+        value = _num(r.speedup, ".2f", "x") if r.status == "ok" else _brief_status(r)
+        lines.setdefault(key, {})[(r.batch, r.hidden)] = value
+    header = ["backend", "cell", "mode", "dtype", "T", "L", *(f"B={b} H={h}" for b, h in columns)]
+    return _markdown_table(header, [[*key, *(cells.get(c, "") for c in columns)] for key, cells in lines.items()])
+
+
+def markdown_report(rows: list[Row], meta: dict) -> str:
+    """The README's results block: machine, date, command, the book's model, speed-up grid."""
+    return "\n".join([
+        f"{meta['device']}; torch {meta['torch']}, Python {meta['python']}, commit {meta['git_commit'][:12]}, "
+        f"{meta['date']} (1-min load average before the run: {meta['load_average_1min']:.2f}).",
+        "", f"Reproduce: `{meta['command']}`", "",
+        "The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers):", "", *book_table(rows), "",
+        "Speed-up over torch.nn (torch.nn median time / backend median time; > 1 is faster):", "",
+        *speedup_table(rows), "",
+    ])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -507,10 +566,12 @@ def build_parser() -> Parser:
     p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--repeats", type=positive_int, help="timed repeats per point (default: fill the preset's budget)")
     p.add_argument("--warmup", type=positive_int, help="warm-up calls per backend and point")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     p.add_argument("--out-dir", type=Path, help="where result files go (default bench/results)")
     p.add_argument("--csv", type=Path, help="CSV path (default <out-dir>/<preset>_<device>_<date>.csv)")
     p.add_argument("--json", type=Path, help="JSON path (default like --csv)")
+    p.add_argument("--markdown", type=Path, help="markdown summary path, for the README (default like --csv)")
     p.add_argument("--plot", type=Path, help="PNG chart path (default like --csv)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -541,6 +602,7 @@ def output_paths(args: argparse.Namespace, config: Config) -> dict[str, Path | N
     return {
         "csv": args.csv or stem.with_suffix(".csv"),
         "json": args.json or stem.with_suffix(".json"),
+        "markdown": args.markdown or stem.with_suffix(".md"),
         "plot": None if args.no_plot else args.plot or stem.with_suffix(".png"),
     }
 
@@ -548,6 +610,8 @@ def output_paths(args: argparse.Namespace, config: Config) -> dict[str, Path | N
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before anything runs; the device line reports it
     config = config_from(args)
     paths = output_paths(args, config)
     meta = metadata(config, argv)  # before the run: the load average is then other work's
@@ -558,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(paths["csv"], rows, meta)
     write_json(paths["json"], rows, meta)
+    paths["markdown"].write_text(markdown_report(rows, meta))
     if paths["plot"]:
         from bench.plot import plot_speedups
 

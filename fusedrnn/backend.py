@@ -64,6 +64,14 @@ def requested(module_choice):
     return check_name(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
+@torch.compiler.assume_constant_result
+def choose(module_choice, device_type, dtype, mode):
+    """``resolve(requested(module_choice), ...)``. Under torch.compile it runs once, at trace time, and its
+    result is a constant of the graph (environment reads, imports and warnings stay out of the trace); the
+    module's choice, device and dtype are guarded, FUSEDRNN_BACKEND is not: set it before compiling."""
+    return resolve(requested(module_choice), device_type, dtype, mode)
+
+
 def resolve(choice, device_type, dtype, mode):
     """The backend name that runs (device_type, dtype, mode) for a request ``choice``."""
     if choice != "auto":
@@ -93,5 +101,5 @@ def _warn_fallback(skipped, chosen, device_type, dtype, mode):
     warnings.warn(
         f"fusedrnn: using the {chosen!r} backend for {mode} in {dtype} on {device_type} ({why})",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,  # _warn_fallback < resolve < choose < _run < forward
     )

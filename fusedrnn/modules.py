@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backend as backends
-from .ops import run_layer
+from .ops import compute_dtype, run_layer
 
 
 class _Fused:
@@ -117,7 +117,7 @@ class _Fused:
         if x.size(1) == 0:  # an empty batch has nothing to compute; the reference handles it without kernels
             name = "reference"
         else:
-            name = backends.resolve(backends.requested(self.backend), x.device.type, x.dtype, mode)
+            name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
         self.last_backend = name
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()

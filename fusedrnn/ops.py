@@ -8,6 +8,9 @@ op's backward is the backend's hand-written BPTT. The argument contract is in ``
 Custom ops cannot return None, so absent tensors (c for non-LSTM cells, the gradients of missing biases or
 projections) cross the op boundary as empty tensors and are turned back into None on each side.
 What autograd saves: the op's inputs, y and the backend's workspace ws (y doubles as the h sequence).
+``layer_backward`` is differentiable too (double backward, on every device): by autograd through the
+reference BPTT, which it recomputes from the saved inputs. Autocast is registered on ``layer_forward`` for
+CPU and CUDA, matching torch.nn's output dtypes (see the autocast section).
 """
 
 from typing import Optional
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backend as backends
+from . import reference
 from .reference import GATES
 
 _OPTIONAL_GRADS = (2, 5, 6, 7)  # dc0, db_ih, db_hh, dw_hr
@@ -100,30 +104,106 @@ def _setup_context(ctx, inputs, output):
     y, _, _, ws = output
     ctx.save_for_backward(*tensors, lengths, y, ws)
     ctx.config = (mode, reverse, backend)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for ws, a (T, B, .) buffer
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dws):
     mode, reverse, backend = ctx.config
     saved = ctx.saved_tensors
+    y, h0, c0 = saved[9], saved[1], saved[2]
+    dy = torch.zeros_like(y) if dy is None else dy
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(c0) if dc_n is None and mode == "lstm" else dc_n
     grads = layer_backward(*saved[:9], saved[9], saved[10], dy, dh_n, dc_n if mode == "lstm" else None,
                            mode, reverse, backend)
     grads = [_none_if_empty(g) if i in _OPTIONAL_GRADS else g for i, g in enumerate(grads)]
     return (*grads, None, None, None, None)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fusedrnn: double backward (a gradient of a gradient) through a fused RNN layer is not supported; "
-        "compute it with the torch.nn module (same parameters and state_dict)"
-    )
+_PRIMALS = range(8)  # layer_backward's x .. w_hr
+_COTANGENTS = range(11, 14)  # its dy, dh_n, dc_n
 
 
-def _setup_nothing(ctx, inputs, output):
-    pass
+def _setup_backward_context(ctx, inputs, output):
+    *tensors, lengths, _y, _ws, dy, dh_n, dc_n, mode, reverse, _backend = inputs
+    ctx.save_for_backward(*tensors, lengths, dy, dh_n, dc_n)
+    ctx.config = (mode, reverse)
+    ctx.set_materialize_grads(False)
+
+
+def _double_backward(ctx, *grad_grads):
+    """Backward of ``layer_backward`` (double backward, any backend): the reference BPTT, which is plain
+    PyTorch, differentiated by autograd, with y and ws recomputed by the reference forward.
+
+    y and ws are functions of the primals; the recomputation carries that dependence, so they get no gradient
+    of their own. Higher orders work too: under create_graph the result stays attached to the saved inputs."""
+    mode, reverse = ctx.config
+    *primals, lengths, dy, dh_n, dc_n = ctx.saved_tensors
+    saved = dict(zip([*_PRIMALS, *_COTANGENTS], (*primals, dy, dh_n, dc_n)))
+    wanted = [i for i, t in saved.items() if t is not None and ctx.needs_input_grad[i]]
+    result = [None] * len(ctx.needs_input_grad)
+    with torch.enable_grad():
+        # Fresh aliases of the wanted tensors, detached copies of the rest: autograd.grad below then stops at
+        # them instead of walking into the graph that produced the saved tensors (already run).
+        inputs = {i: None if t is None else t.view_as(t) if i in wanted else t.detach() for i, t in saved.items()}
+        *primals, dy, dh_n, dc_n = inputs.values()
+        y, _, _, ws = reference.forward(mode, *primals, lengths, reverse)
+        grads = reference.backward(mode, *primals, lengths, reverse, y, ws, dy, dh_n, dc_n)
+    pairs = [(g, gg) for g, gg in zip(grads, grad_grads) if g is not None and gg is not None and g.requires_grad]
+    if wanted and pairs:
+        outputs, cotangents = zip(*pairs)
+        found = torch.autograd.grad(
+            outputs, [inputs[i] for i in wanted], cotangents, allow_unused=True, create_graph=torch.is_grad_enabled()
+        )
+        for i, g in zip(wanted, found):
+            result[i] = g
+    return tuple(result)
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
-layer_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+layer_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+# torch.nn under autocast: cuDNN (CUDA) and oneDNN (the CPU LSTM) cast x, hx and the weights to the autocast
+# dtype and return everything in it. On the CPU, torch.nn's GRU and projected LSTM instead run step by step
+# with per-op autocast: the GEMMs go low but the state update promotes with the incoming state, so GRU's h
+# and the projected LSTM's c come out in that promoted dtype. A fused layer computes wholly in the autocast
+# dtype and returns each output in torch.nn's dtype.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocasts(t, device_type):
+    """torch's own rule (torch.library.register_autocast): floating tensors on the device, except float64."""
+    return t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+
+
+def compute_dtype(x):
+    """The dtype a layer fed ``x`` computes in: the autocast dtype where autocast casts x, else x's dtype."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type) if _autocasts(x, device_type) else x.dtype
+    return x.dtype
+
+
+def _autocast_kernel(device_type):
+    def kernel(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):
+        low = torch.get_autocast_dtype(device_type)
+        tensors = [t.to(low) if _autocasts(t, device_type) else t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+        with torch.autocast(device_type, enabled=False):
+            y, h_n, c_n, ws = layer_forward(*tensors, lengths, mode, reverse, backend)
+        if device_type == "cpu" and mode == "gru":
+            state = torch.promote_types(low, h0.dtype)
+            y, h_n = y.to(state), h_n.to(state)
+        if device_type == "cpu" and w_hr is not None:
+            c_n = c_n.to(torch.promote_types(low, c0.dtype))
+        return y, h_n, c_n, ws
+
+    return kernel
+
+
+for _device_type in _AUTOCAST_DEVICES:
+    torch.library.impl("fusedrnn::layer_forward", "Autocast" + _device_type.upper(), _autocast_kernel(_device_type))
 
 
 def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):

@@ -31,8 +31,8 @@ def test_smoke_preset_reports_every_point_and_backend(tmp_path, capsys):
     assert [(r["cell"], r["mode"], r["batch"], r["hidden"], r["backend"]) for r in rows] == [
         (p.cell, p.mode, p.batch, p.hidden, b) for p in points for b in backends
     ]
-    assert {(r["mode"], r["seq_len"], r["batch"], r["input_size"], r["hidden"], r["layers"])
-            for r in rows if r["tag"] == "book"} == {(m, 35, 32, 28, 256, 2) for m in ("inference", "train")}  # fmt: skip
+    book = {(r["mode"], r["seq_len"], r["batch"], r["input_size"], r["hidden"], r["layers"]) for r in rows if r["tag"]}
+    assert book == {(mode, 35, 32, 28, 256, 2) for mode in ("inference", "train")}
     for r in rows:
         assert r["status"] == "ok" or r["status"].startswith("n/a: "), r["status"]
         if r["status"] == "ok":
@@ -45,6 +45,7 @@ def test_smoke_preset_reports_every_point_and_backend(tmp_path, capsys):
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and csv_rows[0]["device"] == meta["device"]
     assert next(tmp_path.glob("*.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Reproduce: `python bench/run.py --device cpu" in next(tmp_path.glob("*.md")).read_text()
     table = capsys.readouterr().out
     assert "lstm*" in table and "speed-up" in table
 
@@ -85,6 +86,7 @@ BAD_OPTIONS = [
     ["--device", "tpu"],
     ["--device", "nonsense"],
     ["--repeats", "-1"],
+    ["--threads", "0"],
     ["--unknown"],
 ]
 if not torch.cuda.is_available():

@@ -139,7 +139,7 @@ def book_train_epoch_ch8(net, train_iter, loss, updater, device, use_random_iter
         l.backward()
         book_grad_clipping(net, 1)
         updater.step()
-        total += float(l * y.numel())
+        total += float(l.detach() * y.numel())
         count += y.numel()
     return math.exp(total / count)
 
@@ -153,6 +153,16 @@ def book_train_ch8(net, train_iter, vocab, lr, num_epochs, device):
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second OpenMP thread buys nothing and, on a busy 2-core machine, can make
+    every small op wait for a descheduled thread (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_main(argv):
     """(exit status, stdout, stderr) of the demo's main(argv) run in-process, progress bars silenced."""
     out, err = io.StringIO(), io.StringIO()
@@ -241,12 +251,13 @@ def test_short_run_learns_and_follows_torch_nn(cell, backend):
               for net in (fused, baseline)]
     assert fused.rnn.last_backend == backend
     fused_ppl, torch_ppl = ([s.perplexity for s in curve] for curve in curves)
-    assert fused_ppl[-1] < 0.75 * fused_ppl[0]
+    assert fused_ppl[-1] < 0.85 * fused_ppl[0]
     assert fused_ppl == pytest.approx(torch_ppl, rel=CURVE_RTOL)
 
 
-def test_compare_prints_matching_curves_and_the_book_lines():
-    status, out, _ = run_main([*TINY, "--epochs", "3", "--compare"])
+@pytest.mark.parametrize("order", [[], ["--random-iter"]])
+def test_compare_prints_matching_curves_and_the_book_lines(order):
+    status, out, _ = run_main([*TINY, "--epochs", "3", "--compare", *order])
     assert status == 0
     lines = out.splitlines()
     fused_ppl, torch_ppl = (float(v) for v in next(ln for ln in lines if ln.startswith("final perplexity")).split()[2:])

@@ -142,12 +142,3 @@ def test_lengths_packed_gradcheck(backend):
         return out.data, h, c
 
     assert torch.autograd.gradcheck(f, (leaf,))
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_double_backward_is_a_clear_error(backend):
-    fused = make_pair("gru", 3, 4, backend, dtype=torch.float64)[0]
-    x = random_input(2, 2, 3).requires_grad_()
-    (g,) = torch.autograd.grad(fused(x)[0].sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()

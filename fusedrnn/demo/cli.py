@@ -106,7 +106,7 @@ def check_output(path, option, formats=None):
 
 
 def describe(args):
-    return f"{args.cell.upper()} with {args.layers} layer(s) of {args.hidden} hidden units"
+    return f"{args.cell.upper()}, {args.layers} layer(s) x {args.hidden} hidden units"
 
 
 def build_model(args, vocab_size, fused):
@@ -173,46 +173,54 @@ def print_comparison(fused_label, fused, torch_label, baseline):
     print(f"curves agree over the first {first} epochs to a relative perplexity difference of {gap:.1e}")
 
 
-def run(args):
-    device = resolve_device(args.device)
-    corpus, vocab = data.load_corpus(args.data)
-    check_batches_fit(len(corpus), args.batch_size, args.num_steps)
-    check_output(args.plot, "--plot", supported_formats())
-    check_output(args.save, "--save")
+def prepare_model(args, vocab_size, device):
+    """The fused model (seeded, or from --load) on `device`, its initial state_dict, and the backend that runs it."""
     torch.manual_seed(args.seed)
     try:
-        net = build_model(args, len(vocab), fused=True)
+        net = build_model(args, vocab_size, fused=True)
     except (RuntimeError, ValueError) as err:
         raise DemoError(f"cannot build fusedrnn.{CELLS[args.cell]}: {first_line(err)}") from None
     if args.load:
         load_checkpoint(net, args.load, describe(args))
     initial_state = copy.deepcopy(net.state_dict())
     net.to(device)
-    backend = probe_backend(net, args, device)
-    fused_label = f"fusedrnn.{CELLS[args.cell]} [{backend}]"
+    return net, initial_state, probe_backend(net, args, device)
+
+
+def print_setup(args, vocab_size, num_tokens, backend, device):
     order = "random" if args.random_iter else "sequential"
-    print(f"Time Machine: {len(vocab)}-token vocabulary, {len(corpus):,} tokens, {order} minibatches of "
+    print(f"Time Machine: {vocab_size}-token vocabulary, {num_tokens:,} tokens, {order} minibatches of "
           f"{args.batch_size} x {args.num_steps}")
-    print(f"fusedrnn.{CELLS[args.cell]}({len(vocab)}, {args.hidden}, num_layers={args.layers}) + "
-          f"Linear({args.hidden}, {len(vocab)}), backend {backend}, on {device}; SGD lr {args.lr:g}, "
+    print(f"fusedrnn.{CELLS[args.cell]}({vocab_size}, {args.hidden}, num_layers={args.layers}) + "
+          f"Linear({args.hidden}, {vocab_size}), backend {backend}, on {device}; SGD lr {args.lr:g}, "
           f"gradient norm clipped to 1, {args.epochs} epochs", flush=True)
+
+
+def run(args):
+    device = resolve_device(args.device)
+    corpus, vocab = data.load_corpus(args.data)
+    check_batches_fit(len(corpus), args.batch_size, args.num_steps)
+    check_output(args.plot, "--plot", supported_formats())
+    check_output(args.save, "--save")
+    net, initial_state, backend = prepare_model(args, len(vocab), device)
+    print_setup(args, len(vocab), len(corpus), backend, device)
 
     def fit(model, label):
         loader = data.BatchLoader(corpus, args.batch_size, args.num_steps, args.random_iter, seed=args.seed)
-        return train(model, loader, args.epochs, args.lr, device, args.random_iter, desc=label)
+        return label, train(model, loader, args.epochs, args.lr, device, args.random_iter, desc=label)
 
-    runs = [(f"{fused_label} on {device}", fit(net, fused_label))]
+    runs = [fit(net, f"fusedrnn.{CELLS[args.cell]} [{backend}]")]
     if args.compare:
-        torch_label = f"torch.nn.{CELLS[args.cell]}"
         baseline = build_model(args, len(vocab), fused=False)
         baseline.load_state_dict(initial_state)
-        runs.append((f"{torch_label} on {device}", fit(baseline.to(device), torch_label)))
-        print_comparison(fused_label, runs[0][1], torch_label, runs[1][1])
+        runs.append(fit(baseline.to(device), f"torch.nn.{CELLS[args.cell]}"))
+        print_comparison(*runs[0], *runs[1])
     if args.save:
         save_checkpoint(net, args.save)
         print(f"saved the weights to {args.save}")
     if args.plot:
-        plot_perplexity(args.plot, runs, f"Time Machine, {describe(args)}, {args.epochs} epochs")
+        plot_perplexity(args.plot, [(f"{label} on {device}", history) for label, history in runs],
+                        f"Time Machine character model: {describe(args)}")
         print(f"wrote {args.plot}")
     final = runs[0][1][-1]
     print(f"perplexity {final.perplexity:.1f}, {final.tokens_per_s:.1f} tokens/sec on {device}")

@@ -1,0 +1,147 @@
+"""Profile the cpp backend against torch.nn on the CPU: where the time goes, and the measured ratios.
+
+    python bench/cpu_profile.py                     # book model (T=35 B=32 I=28 H=256, 2 layers), all cells
+    python bench/cpu_profile.py --cells lstm --repeats 60 --json bench/results/cpp_book.json
+
+Interleaved timing of fwd+bwd training steps (rounds rotate the order, as bench/timing.py does), same
+weights and inputs; optionally a torch.profiler breakdown of one cpp step, and the op layer's own overhead
+(fusedrnn.ops.layer_forward vs calling the backend directly). Prints a table; --json writes the numbers
+with the machine, versions and commit.
+
+--clock thread times with the CPU time of the calling thread (time.thread_time) and runs one torch
+thread: on a shared, overloaded machine wall-clock medians mostly measure how often the process was
+descheduled, while CPU time counts only the work. --clock wall (default) is what a user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import fusedrnn  # noqa: E402
+from bench.run import cpu_model, git  # noqa: E402
+from bench.timing import rotated, summarize  # noqa: E402
+from fusedrnn import cpp  # noqa: E402
+
+CLASSES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"})}
+
+
+def models(cell, shape, dtype):
+    """(torch.nn model, fusedrnn cpp model) with the same weights. shape = (T, B, I, H, L)."""
+    _, _, inp, hidden, layers = shape
+    name, extra = CLASSES[cell]
+    base = getattr(torch.nn, name)(inp, hidden, layers, dtype=dtype, **extra)
+    fused = getattr(fusedrnn, name)(inp, hidden, layers, dtype=dtype, backend="cpp", **extra)
+    fused.load_state_dict(base.state_dict())
+    return base, fused
+
+
+def train_step(model, x, grad):
+    def step():
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model(x)[0].backward(grad)
+
+    return step
+
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_rounds(cases, repeats, clock, warmup=3):
+    """{name: Stats} of per-call times (ms) over interleaved rounds, each round in a rotated order."""
+    samples = {name: [] for name in cases}
+    for r in range(warmup + repeats):
+        for name in rotated(list(cases), r):
+            start = clock()
+            cases[name]()
+            if r >= warmup:
+                samples[name].append((clock() - start) * 1e3)
+    return {name: summarize(values) for name, values in samples.items()}
+
+
+def profile_breakdown(model, step):
+    """Self CPU time per op name over one step (ms), largest first."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:8]]
+
+
+def op_overhead_us(shape, dtype, repeats=200):
+    """Median us of fusedrnn.ops.layer_forward minus the backend's forward, on a tiny layer."""
+    from fusedrnn import ops
+
+    x, h0 = torch.randn(2, 1, 4, dtype=dtype), torch.randn(1, 4, dtype=dtype)
+    w_ih, w_hh = torch.randn(4, 4, dtype=dtype), torch.randn(4, 4, dtype=dtype)
+    args = (x, h0, None, w_ih, w_hh, None, None, None, None, "rnn_tanh", False)
+
+    def median(fn):
+        for _ in range(20):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return sorted(samples)[len(samples) // 2] * 1e6
+
+    direct = median(lambda: cpp.forward(args[-2], *args[:-2], args[-1]))
+    through_op = median(lambda: ops.layer_forward(*args, "cpp"))
+    return through_op - direct, direct
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", default="lstm,gru,rnn_tanh")
+    parser.add_argument("--shape", default="35,32,28,256,2", help="T,B,I,H,layers")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler breakdown")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    T, B, I, H, L = shape
+    dtype = torch.float32
+    if args.clock == "thread":
+        torch.set_num_threads(1)
+    results = []
+    for cell in args.cells.split(","):
+        base, fused = models(cell, shape, dtype)
+        x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+        grad = torch.randn(T, B, H, dtype=dtype)
+        cases = {"torch.nn": train_step(base, x, grad), "cpp": train_step(fused, x, grad)}
+        stats = time_rounds(cases, args.repeats, CLOCKS[args.clock])
+        ratio = stats["torch.nn"].median_ms / stats["cpp"].median_ms
+        row = {"cell": cell, "shape": shape, "torch_nn_ms": stats["torch.nn"].median_ms,
+               "cpp_ms": stats["cpp"].median_ms, "speedup": ratio,
+               "iqr_ms": {k: (s.q25_ms, s.q75_ms) for k, s in stats.items()}}  # fmt: skip
+        print(f"{cell:9s} T={T} B={B} I={I} H={H} L={L}  torch.nn {row['torch_nn_ms']:7.2f} ms  "
+              f"cpp {row['cpp_ms']:7.2f} ms  speed-up {ratio:.2f}x")  # fmt: skip
+        if args.profile:
+            for name, ms, count in profile_breakdown(fused, cases["cpp"]):
+                print(f"    {name:45s} {ms:8.2f} ms  x{count}")
+        results.append(row)
+    overhead, direct = op_overhead_us(shape, dtype)
+    print(f"op layer overhead per layer_forward call: {overhead:.1f} us (backend call alone {direct:.1f} us)")
+    if args.json:
+        meta = {"device": f"{cpu_model()} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+                "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "clock": args.clock, "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+                "op_overhead_us": overhead}  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

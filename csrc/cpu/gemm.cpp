@@ -1,0 +1,66 @@
+// Register-blocked product of a row block of A with one packed panel (see gemm.h):
+//   C[m, 0:width] (+)= sum_k A[m, k] * panel[k, 0:NR]
+// MR rows of A at a time keep MR x 2 vector accumulators in registers (16 of AVX-512's 32 for MR = 8);
+// each k loads two panel vectors and broadcasts MR scalars of A: compute-bound, no packing of A needed.
+#include "gemm.h"
+
+#include <cstring>
+
+namespace fusedrnn {
+
+template <class T>
+void pack_panel(const T* w, int64_t ld, bool transposed, int64_t K, int64_t n0, int64_t width, T* panel) {
+  constexpr int64_t NR = kPanel<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    T* dst = panel + k * NR;
+    for (int64_t n = 0; n < NR; ++n) {
+      dst[n] = n < width ? (transposed ? w[(n0 + n) * ld + k] : w[k * ld + n0 + n]) : T(0);
+    }
+  }
+}
+
+template <int MR, class T>
+FUSEDRNN_INLINE void gemm_tile(int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc,
+                               int64_t width, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  V acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, panel + k * 2 * L, sizeof(V));
+    std::memcpy(&b1, panel + k * 2 * L + L, sizeof(V));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T x = a[r * lda + k];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    T out[2 * L];
+    std::memcpy(out, &acc[r][0], sizeof(V));
+    std::memcpy(out + L, &acc[r][1], sizeof(V));
+    T* row = c + r * ldc;
+    for (int64_t n = 0; n < width; ++n) row[n] = accumulate ? row[n] + out[n] : out[n];
+  }
+}
+
+template <class T>
+FUSEDRNN_TARGETS void gemm_panel(int64_t M, int64_t K, const T* a, int64_t lda, const T* panel, T* c,
+                                 int64_t ldc, int64_t width, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) gemm_tile<8>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
+  for (; m + 4 <= M; m += 4) gemm_tile<4>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
+  for (; m < M; ++m) gemm_tile<1>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
+}
+
+template void pack_panel<float>(const float*, int64_t, bool, int64_t, int64_t, int64_t, float*);
+template void pack_panel<double>(const double*, int64_t, bool, int64_t, int64_t, int64_t, double*);
+template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                                bool);
+template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, double*, int64_t,
+                                 int64_t, bool);
+
+}  // namespace fusedrnn

@@ -1,0 +1,404 @@
+// The layer driver every cell shares: one call runs one layer in one direction over the whole sequence,
+// forward or BPTT, with no Python and no ATen dispatch per step (contract: fusedrnn/reference.py).
+//
+// Forward:  gx = x W_ih^T + b_ih for all T steps as one GEMM (ATen/MKL); then per step
+//           gates = h_{t-1} W_hh^T (gemm.h, packed weights) and ONE fused pass of the cell's
+//           nonlinearities and state update (Cell::forward_row) writing h_t into y[t] and the
+//           activations into ws[t]; with proj_size, y[t] = (o * tanh(c_t)) W_hr^T.
+// Backward: per step in reverse time ONE fused pass for the gate gradients (Cell::backward_row) and
+//           dh_{t-1} = dG_t W_hh + direct term; then dx, dW_ih, dW_hh, dW_hr and the bias gradients as
+//           GEMMs over all T*B rows (ATen/MKL; float32 weight gradients in blocks of <= 1024 rows summed in
+//           float64, as reference.py).
+//
+// Threading: one OpenMP team lives for the whole sequence. Worker k owns a slice of the hidden units
+// (and of the P output columns): it packs only its own weight panels (they stay in its core's L2 cache
+// for all T steps), computes only its gates and states, and the team meets at one barrier per step
+// (two with proj_size), where h_t (or dG_t) becomes visible to everyone's next product.
+//
+// Variable lengths: row b only has steps t < lengths[b]; elsewhere the state is held (h_t = h_{t-1},
+// c_t = c_{t-1}: copied, never computed, so NaN in padding cannot leak), and backward gives zero gate
+// gradients there and passes dh, dc through unchanged, exactly as reference.py.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace fusedrnn {
+
+// One (t, b) row of a cell's forward pass (only rows with a step t); pointers offset to unit j0.
+template <class T>
+struct ForwardRow {
+  const T* gx;      // x_t W_ih^T + b_ih: gate k of unit j at gx[k * H + j]
+  const T* gh;      // h_{t-1} W_hh^T: gh[k * ldg + j]
+  const T* bias;    // b_hh (zeros when absent): bias[k * H + j]
+  const T* h_prev;  // h_{t-1}
+  const T* c_prev;  // lstm: c_{t-1}
+  T* ws;            // activations saved for backward: ws[k * H + j]
+  T* h;             // out: h_t (lstm with proj: o * tanh(c_t), projected afterwards)
+  int64_t H, ldg;
+};
+
+// One (t, b) row of a cell's backward pass (only rows with a step t); pointers offset to unit j0.
+template <class T>
+struct BackwardRow {
+  const T* ws;      // this step's activations
+  const T* h_prev;  // h_{t-1}
+  const T* c_prev;  // lstm: c_{t-1}
+  const T* h;       // h_t (rnn: the activation's derivative follows from it)
+  const T* dy;      // dL/dy_t (zeros with proj, whose dy is already in dh)
+  T* dh;            // in: dL/dh_t before dy; out: the part of dL/dh_{t-1} that does not go through W_hh
+  T* dc;            // lstm: in dL/dc_t, out dL/dc_{t-1}
+  T* dgx;           // out: dL/d(input-side pre-activation), (G*H) row
+  T* dgh;           // out: dL/d(hidden-side pre-activation); the same row as dgx except for gru
+  T* htilde;        // lstm with proj: out o * tanh(c_t), for dW_hr; else null
+  int64_t H;
+};
+
+// The tensors of one call, as in the contract; absent ones are undefined.
+struct Layer {
+  at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths;
+  bool reverse;
+};
+
+using ForwardOut = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor>;
+using BackwardOut = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor,
+                               std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+inline std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+template <class T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Step s of the sequence (0 = first processed) is time index t; the one before it is t -/+ 1.
+struct TimeOrder {
+  int64_t T;
+  bool reverse;
+  int64_t at(int64_t s) const { return reverse ? T - 1 - s : s; }
+};
+
+// How the team splits a layer: unit panels (hidden units, NR at a time) and output-column panels.
+template <class T>
+struct Split {
+  int64_t unit_panels, col_panels, team;
+  Split(int64_t H, int64_t P)
+      : unit_panels(ceil_div(H, kPanel<T>)), col_panels(ceil_div(P, kPanel<T>)),
+        team(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                     std::max(unit_panels, col_panels)))) {}
+};
+
+inline bool has_step(const int64_t* lengths, int64_t b, int64_t t) { return !lengths || lengths[b] > t; }
+
+template <class Cell, class T>
+ForwardOut forward_layer(const Layer& l) {
+  constexpr int64_t NR = kPanel<T>, G = Cell::G, WS = Cell::WS;
+  const int64_t steps = l.x.size(0), B = l.x.size(1), I = l.x.size(2);
+  const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
+  const bool proj = l.w_hr.defined();
+  const at::Tensor x_flat = l.x.reshape({steps * B, I});
+  const at::Tensor gx = l.b_ih.defined() ? at::addmm(l.b_ih, x_flat, l.w_ih.t()) : at::mm(x_flat, l.w_ih.t());
+  const at::Tensor bias = l.b_hh.defined() ? l.b_hh : at::zeros({GH}, l.x.options());
+  at::Tensor y = at::empty({steps, B, P}, l.x.options());
+  at::Tensor ws = at::empty({steps, B, WS * H}, l.x.options());
+  const Split<T> split(H, P);
+  const int64_t Hpad = split.unit_panels * NR;
+  at::Tensor gates = at::empty({B, G * Hpad}, l.x.options());  // gates[b][k * Hpad + j] = (h W_hh^T)[b][k*H+j]
+  at::Tensor w_pack = at::empty({split.unit_panels * G * P * NR}, l.x.options());
+  at::Tensor r_pack = proj ? at::empty({split.col_panels * H * NR}, l.x.options()) : at::Tensor();
+  at::Tensor htilde = proj ? at::empty({B, H}, l.x.options()) : at::Tensor();
+
+  const T *gx_p = gx.data_ptr<T>(), *bias_p = bias.data_ptr<T>(), *w_hh = l.w_hh.data_ptr<T>();
+  const T *h0 = l.h0.data_ptr<T>(), *c0 = ptr_or_null<T>(l.c0), *w_hr = ptr_or_null<T>(l.w_hr);
+  const int64_t* lengths = ptr_or_null<int64_t>(l.lengths);
+  T *y_p = y.data_ptr<T>(), *ws_p = ws.data_ptr<T>(), *gates_p = gates.data_ptr<T>();
+  T *wp = w_pack.data_ptr<T>(), *rp = ptr_or_null<T>(r_pack), *ht = ptr_or_null<T>(htilde);
+  const TimeOrder order{steps, l.reverse};
+
+#pragma omp parallel num_threads(split.team)
+  {
+    const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
+    const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
+    const int64_t j0 = uq.begin * NR, j1 = std::min(uq.end * NR, H);
+    for (int64_t q = uq.begin; q < uq.end; ++q)
+      for (int64_t k = 0; k < G; ++k)
+        pack_panel(w_hh, P, true, P, k * H + q * NR, std::min(NR, H - q * NR), wp + (q * G + k) * P * NR);
+    for (int64_t q = cq.begin; q < cq.end && proj; ++q)
+      pack_panel(w_hr, H, true, H, q * NR, std::min(NR, P - q * NR), rp + q * H * NR);
+
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = order.at(s), prev = order.at(s - 1);
+      const T* h_prev = s == 0 ? h0 : y_p + prev * B * P;
+      T* y_t = y_p + t * B * P;
+      for (int64_t q = uq.begin; q < uq.end; ++q)
+        for (int64_t k = 0; k < G; ++k)
+          gemm_panel(B, P, h_prev, P, wp + (q * G + k) * P * NR, gates_p + k * Hpad + q * NR, G * Hpad, NR, false);
+      for (int64_t b = 0; b < B && j1 > j0; ++b) {
+        const T* c_prev = G != 4 ? nullptr : (s == 0 ? c0 + b * H : ws_p + (prev * B + b) * WS * H + 4 * H);
+        T* ws_row = ws_p + (t * B + b) * WS * H;
+        T* h_out = proj ? ht + b * H : y_t + b * P;
+        if (!has_step(lengths, b, t)) {  // held: h_t = h_{t-1}, c_t = c_{t-1}; no activations to save
+          for (int64_t k = 0; k < WS; ++k) std::fill(ws_row + k * H + j0, ws_row + k * H + j1, T(0));
+          if (c_prev) std::copy(c_prev + j0, c_prev + j1, ws_row + 4 * H + j0);
+          if (proj) std::fill(h_out + j0, h_out + j1, T(0));  // y's row is restored after W_hr
+          else std::copy(h_prev + b * P + j0, h_prev + b * P + j1, h_out + j0);
+          continue;
+        }
+        ForwardRow<T> row{gx_p + (t * B + b) * GH + j0, gates_p + b * G * Hpad + j0, bias_p + j0,
+                          h_prev + b * P + j0, c_prev ? c_prev + j0 : nullptr, ws_row + j0, h_out + j0, H, Hpad};
+        Cell::forward_row(row, j1 - j0);
+      }
+      if (proj) {
+#pragma omp barrier
+        for (int64_t q = cq.begin; q < cq.end; ++q) {
+          const int64_t p0 = q * NR, width = std::min(NR, P - p0);
+          gemm_panel(B, H, ht, H, rp + q * H * NR, y_t + p0, P, width, false);
+          for (int64_t b = 0; b < B; ++b)
+            if (!has_step(lengths, b, t)) std::copy_n(h_prev + b * P + p0, width, y_t + b * P + p0);
+        }
+      }
+#pragma omp barrier
+    }
+  }
+  const int64_t last = order.at(steps - 1);
+  at::Tensor c_n = G == 4 ? ws[last].narrow(1, 4 * H, H).clone() : at::Tensor();
+  return {y, y[last].clone(), maybe(c_n), ws};
+}
+
+// Rows per GEMM of a float32 weight gradient, at most (reference.py's _BLOCK_ROWS).
+constexpr int64_t kBlockRows = 1024;
+
+// The float64 sum of float32 block sums (M, N), rounded to float32 once. While it holds one block that block
+// stays as it is; a second one is added in float32 only at the end when no third comes: the correctly rounded
+// sum of two float32 values is what float64 accumulation gives too, without its two extra passes.
+class BlockSum {
+ public:
+  // Takes the finished block in `block` and leaves a free buffer of its shape there.
+  void add(at::Tensor& block) {
+    if (!first_.defined()) {
+      first_ = block;
+      block = at::empty_like(first_);
+      return;
+    }
+    const float *a = first_.data_ptr<float>(), *b = block.data_ptr<float>();
+    if (!total_.defined()) {
+      total_ = at::empty(first_.sizes(), first_.options().dtype(at::kDouble));
+      double* t = total_.data_ptr<double>();
+      parallel(first_.numel(), [=](int64_t i) { t[i] = double(a[i]) + double(b[i]); });
+    } else {
+      double* t = total_.data_ptr<double>();
+      parallel(first_.numel(), [=](int64_t i) { t[i] += double(b[i]); });
+    }
+  }
+
+  // The sum with the last block, `last`, which receives it.
+  at::Tensor finish(at::Tensor& last) {
+    if (!first_.defined()) return last;
+    if (!total_.defined()) return last.add_(first_);
+    const double* t = total_.data_ptr<double>();
+    float* b = last.data_ptr<float>();
+    parallel(last.numel(), [=](int64_t i) { b[i] = float(t[i] + double(b[i])); });
+    return last;
+  }
+
+ private:
+  template <class F>
+  static void parallel(int64_t n, const F& f) {
+    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
+
+  at::Tensor first_, total_;
+};
+
+// Sum over the parts' rows of a^T b: each part is (a (R_p, M), b (R_p, N)) -> (M, N) in a's dtype.
+// One float32 GEMM over all rows accumulates rounding error ~ sqrt(R) eps (10x torch.nn's at T*B = 40,000);
+// as reference.py's _sum_of_outer, float32 is summed as GEMMs over blocks of at most kBlockRows rows (equal
+// shares of the parts read as one concatenation), accumulated in float64 (BlockSum). float64: one block.
+inline at::Tensor sum_of_outer(std::initializer_list<std::pair<at::Tensor, at::Tensor>> parts) {
+  int64_t rows = 0;
+  for (const auto& part : parts) rows += part.first.size(0);
+  const at::Tensor &a0 = parts.begin()->first, &b0 = parts.begin()->second;
+  if (rows == 0) return at::zeros({a0.size(1), b0.size(1)}, a0.options());  // an empty batch
+  const int64_t blocks = a0.scalar_type() == at::kFloat ? ceil_div(rows, kBlockRows) : 1;
+  at::Tensor block = at::empty({a0.size(1), b0.size(1)}, a0.options());
+  BlockSum sum;
+  int64_t k = 0, row = 0;  // the current block k covers rows share(rows, k, blocks) of the concatenation
+  for (const auto& [a, b] : parts)
+    for (int64_t r = 0; r < a.size(0);) {
+      const Range rk = share(rows, k, blocks);
+      const int64_t n = std::min(a.size(0) - r, rk.end - row);
+      const at::Tensor a_rows = a.narrow(0, r, n).t(), b_rows = b.narrow(0, r, n);
+      if (row == rk.begin) at::mm_out(block, a_rows, b_rows);
+      else block.addmm_(a_rows, b_rows);
+      r += n;
+      row += n;
+      if (row == rk.end && row < rows) {
+        sum.add(block);
+        ++k;
+      }
+    }
+  return sum.finish(block);
+}
+
+// Everything that is not sequential, as GEMMs over all T*B rows (weight gradients: sum_of_outer).
+// dgx, dgh: (T, B, G*H); the step before t used h_{t-1} = y[t -/+ 1], or h0 at the first step, so
+// dW_hh sums two parts (no shifted copy of y).
+template <class Cell>
+BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& dgx, const at::Tensor& dgh,
+                         const at::Tensor& dhy, const at::Tensor& htilde, const at::Tensor& dh0,
+                         const at::Tensor& dc0) {
+  const int64_t steps = l.x.size(0), B = l.x.size(1), GH = dgx.size(2), P = y.size(2);
+  const at::Tensor dgx_flat = dgx.view({-1, GH});
+  const at::Tensor dx = at::mm(dgx_flat, l.w_ih).view_as(l.x);
+  const at::Tensor dw_ih = sum_of_outer({{dgx_flat, l.x.reshape({-1, l.x.size(2)})}});
+  const int64_t first = l.reverse ? steps - 1 : 0;
+  const int64_t later = (steps - 1) * B;  // rows of the steps after the first
+  const at::Tensor rest = (l.reverse ? dgh.narrow(0, 0, steps - 1) : dgh.narrow(0, 1, steps - 1)).reshape({later, GH});
+  const at::Tensor before = (l.reverse ? y.narrow(0, 1, steps - 1) : y.narrow(0, 0, steps - 1)).reshape({later, P});
+  const at::Tensor dw_hh = sum_of_outer({{dgh[first], l.h0}, {rest, before}});
+  at::Tensor db_ih, db_hh;
+  if (l.b_ih.defined()) {
+    db_ih = dgx_flat.sum(0);
+    db_hh = Cell::kSplitHidden ? dgh.view({-1, GH}).sum(0) : db_ih.clone();
+  }
+  at::Tensor dw_hr = dhy.defined() ? sum_of_outer({{dhy.view({-1, P}), htilde.view({-1, htilde.size(2)})}})
+                                   : at::Tensor();
+  return {dx, dh0, maybe(dc0), dw_ih, dw_hh, maybe(db_ih), maybe(db_hh), maybe(dw_hr)};
+}
+
+template <class Cell, class T>
+BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
+                           const at::Tensor& dh_n, const at::Tensor& dc_n) {
+  constexpr int64_t NR = kPanel<T>, G = Cell::G, WS = Cell::WS;
+  const int64_t steps = l.x.size(0), B = l.x.size(1), I = l.x.size(2);
+  const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
+  const bool proj = l.w_hr.defined();
+  at::Tensor dgx = at::empty({steps, B, GH}, l.x.options());
+  at::Tensor dgh = Cell::kSplitHidden ? at::empty({steps, B, GH}, l.x.options()) : dgx;
+  at::Tensor dh = dh_n.clone(at::MemoryFormat::Contiguous);  // carried dL/dh, ends as dh0
+  at::Tensor dc = G == 4 ? dc_n.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dhy = proj ? at::empty({steps, B, P}, l.x.options()) : at::Tensor();  // dL/dh_t, for dW_hr
+  at::Tensor htilde = proj ? at::empty({steps, B, H}, l.x.options()) : at::Tensor();
+  at::Tensor dhh = proj ? at::empty({B, H}, l.x.options()) : at::Tensor();  // dL/d(o * tanh c_t)
+  at::Tensor zeros = at::zeros({H}, l.x.options());
+  const Split<T> split(H, P);
+  at::Tensor w_pack = at::empty({split.col_panels * GH * NR}, l.x.options());
+  at::Tensor r_pack = proj ? at::empty({split.unit_panels * P * NR}, l.x.options()) : at::Tensor();
+
+  const T *w_hh = l.w_hh.data_ptr<T>(), *w_hr = ptr_or_null<T>(l.w_hr), *h0 = l.h0.data_ptr<T>();
+  const T *c0 = ptr_or_null<T>(l.c0), *y_p = y.data_ptr<T>(), *ws_p = ws.data_ptr<T>(), *dy_p = dy.data_ptr<T>();
+  const T* zero = zeros.data_ptr<T>();
+  const int64_t* lengths = ptr_or_null<int64_t>(l.lengths);
+  T *dgx_p = dgx.data_ptr<T>(), *dgh_p = dgh.data_ptr<T>(), *dh_p = dh.data_ptr<T>(), *dc_p = ptr_or_null<T>(dc);
+  T *dhy_p = ptr_or_null<T>(dhy), *ht_p = ptr_or_null<T>(htilde), *dhh_p = ptr_or_null<T>(dhh);
+  T *wp = w_pack.data_ptr<T>(), *rp = ptr_or_null<T>(r_pack);
+  const TimeOrder order{steps, l.reverse};
+
+#pragma omp parallel num_threads(split.team)
+  {
+    const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
+    const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
+    const int64_t j0 = uq.begin * NR, j1 = std::min(uq.end * NR, H);
+    const int64_t p0 = cq.begin * NR, p1 = std::min(cq.end * NR, P);
+    for (int64_t q = cq.begin; q < cq.end; ++q)
+      pack_panel(w_hh, P, false, GH, q * NR, std::min(NR, P - q * NR), wp + q * GH * NR);
+    for (int64_t q = uq.begin; q < uq.end && proj; ++q)
+      pack_panel(w_hr, H, false, P, q * NR, std::min(NR, H - q * NR), rp + q * P * NR);
+
+    for (int64_t s = steps - 1; s >= 0; --s) {
+      const int64_t t = order.at(s), prev = order.at(s - 1);
+      const T* h_prev = s == 0 ? h0 : y_p + prev * B * P;
+      if (proj) {  // dL/dh_t over own output columns, then through W_hr into the cell's output
+        for (int64_t b = 0; b < B; ++b) {
+          const bool valid = has_step(lengths, b, t);
+          T *d = dh_p + b * P, *out = dhy_p + (t * B + b) * P;
+          const T* g = dy_p + (t * B + b) * P;
+          for (int64_t p = p0; p < p1; ++p) {
+            const T total = d[p] + (valid ? g[p] : T(0));
+            out[p] = valid ? total : T(0);
+            d[p] = valid ? T(0) : total;
+          }
+        }
+#pragma omp barrier
+        for (int64_t q = uq.begin; q < uq.end; ++q)
+          gemm_panel(B, P, dhy_p + t * B * P, P, rp + q * P * NR, dhh_p + q * NR, H, std::min(NR, H - q * NR),
+                     false);
+      }
+      for (int64_t b = 0; b < B && j1 > j0; ++b) {
+        const int64_t row_off = (t * B + b) * GH + j0;
+        if (!has_step(lengths, b, t)) {  // no step: zero gate gradients, dh and dc pass through
+          for (int64_t k = 0; k < G; ++k) {
+            std::fill(dgx_p + row_off + k * H, dgx_p + row_off + k * H + (j1 - j0), T(0));
+            std::fill(dgh_p + row_off + k * H, dgh_p + row_off + k * H + (j1 - j0), T(0));
+          }
+          if (proj) std::fill(ht_p + (t * B + b) * H + j0, ht_p + (t * B + b) * H + j1, T(0));
+          continue;
+        }
+        const T* c_prev = G != 4 ? nullptr : (s == 0 ? c0 + b * H : ws_p + (prev * B + b) * WS * H + 4 * H);
+        BackwardRow<T> row{ws_p + (t * B + b) * WS * H + j0,
+                           h_prev + b * P + j0,
+                           c_prev ? c_prev + j0 : nullptr,
+                           y_p + (t * B + b) * P + j0,
+                           proj ? zero : dy_p + (t * B + b) * P + j0,
+                           proj ? dhh_p + b * H + j0 : dh_p + b * P + j0,
+                           dc_p ? dc_p + b * H + j0 : nullptr,
+                           dgx_p + row_off,
+                           dgh_p + row_off,
+                           proj ? ht_p + (t * B + b) * H + j0 : nullptr,
+                           H};
+        Cell::backward_row(row, j1 - j0);
+      }
+#pragma omp barrier
+      for (int64_t q = cq.begin; q < cq.end; ++q)
+        gemm_panel(B, GH, dgh_p + t * B * GH, GH, wp + q * GH * NR, dh_p + q * NR, P, std::min(NR, P - q * NR), true);
+    }
+  }
+  return weight_grads<Cell>(l, y, dgx, dgh, dhy, htilde, dh, dc);
+}
+
+}  // namespace fusedrnn
+
+namespace fusedrnn {
+
+// float32 and float64 run natively; fusedrnn/cpp.py runs bfloat16 in float32 and rounds the results.
+template <class Cell>
+ForwardOut forward_any(const Layer& l) {
+  if (l.x.scalar_type() == at::kDouble) return forward_layer<Cell, double>(l);
+  TORCH_CHECK(l.x.scalar_type() == at::kFloat, "fusedrnn._cpp: float32 or float64 expected, got ", l.x.scalar_type());
+  return forward_layer<Cell, float>(l);
+}
+
+template <class Cell>
+BackwardOut backward_any(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
+                         const at::Tensor& dh_n, const at::Tensor& dc_n) {
+  if (l.x.scalar_type() == at::kDouble) return backward_layer<Cell, double>(l, y, ws, dy, dh_n, dc_n);
+  TORCH_CHECK(l.x.scalar_type() == at::kFloat, "fusedrnn._cpp: float32 or float64 expected, got ", l.x.scalar_type());
+  return backward_layer<Cell, float>(l, y, ws, dy, dh_n, dc_n);
+}
+
+// The cells (lstm.cpp, gru.cpp, rnn.cpp). mode is "lstm" | "gru" | "rnn_tanh" | "rnn_relu".
+ForwardOut lstm_forward(const Layer& l);
+BackwardOut lstm_backward(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
+                          const at::Tensor& dh_n, const at::Tensor& dc_n);
+ForwardOut gru_forward(const Layer& l);
+BackwardOut gru_backward(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
+                         const at::Tensor& dh_n, const at::Tensor& dc_n);
+ForwardOut rnn_forward(const Layer& l, bool relu);
+BackwardOut rnn_backward(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
+                         const at::Tensor& dh_n, bool relu);
+
+}  // namespace fusedrnn

@@ -1,0 +1,70 @@
+// Torch-free interface between the pybind11 binding (cuda_binding.cpp) and the CUDA kernels (*.cu).
+//
+// One call runs the sequential part of ONE layer in ONE direction (the contract is in
+// fusedrnn/reference.py). The binding does everything that is not sequential with ATen GEMMs: the
+// input projection gx = x W_ih^T + b_ih before the forward, and dx, dW_ih, dW_hh, dW_hr and the biases'
+// gradients after the backward. Shapes below use T steps, B batch rows, H hidden units, P = proj_size or
+// H, G gates (lstm 4, gru 3, rnn 1) and WS = workspace rows per unit (lstm 5, gru 4, rnn 0).
+// "elem" tensors have the layer's dtype (float32, float16 or bfloat16); state buffers are float32.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fusedrnn {
+
+enum class Dtype { f32, f16, bf16 };
+// How the recurrence runs: one cooperative launch per sequence with the weights held in shared memory,
+// or one launch per step (and phase) reading the weights from global memory. auto picks persistent
+// whenever the weight slices fit on chip with every block resident at once.
+enum class Scheme { automatic, persistent, per_step };
+
+struct Shape {
+  int T, B, H, P;
+  bool reverse;             // run t = T-1 .. 0
+  const int64_t* lengths;   // (B,) or nullptr: sequence b has steps t < lengths[b]; other steps hold
+};
+
+struct ForwardArgs {
+  Shape shape;
+  const void* gx;    // elem (T, B, G*H): x W_ih^T + b_ih
+  const void* w_hh;  // elem (G*H, P)
+  const void* b_hh;  // elem (G*H,) or nullptr
+  const void* w_hr;  // elem (P, H) or nullptr (lstm with proj_size)
+  void* y;           // elem (T, B, P) out: state after each step (held value at padded steps)
+  void* ws;          // elem (T, B, WS*H) out: saved for backward (see the cell files)
+  float* h;          // (2, B, P) in/out: h[0] = h0 on entry; h[T % 2] = h_n on exit
+  float* c;          // (B, H) in/out, lstm only: c0 on entry, c_n on exit
+  float* r;          // (B, H) scratch, proj only: o * tanh(c) before the projection
+};
+
+struct BackwardArgs {
+  Shape shape;
+  const void* w_hhT;  // elem (P, G*H): W_hh transposed
+  const void* w_hrT;  // elem (H, P): W_hr transposed, or nullptr
+  const void* h0;     // elem (B, P)
+  const void* c0;     // elem (B, H), lstm only
+  const void* y;      // elem (T, B, P) from the forward
+  const void* ws;     // elem (T, B, WS*H) from the forward
+  const void* dy;     // elem (T, B, P)
+  void* dgx;          // elem (T, B, G*H) out: grads of the input-side pre-activations (masked to 0 at padding)
+  void* dgh;          // elem (T, B, G*H) out, gru only (hidden side differs): else nullptr, dgx serves both
+  void* dhy;          // elem (T, B, P) out, proj only: dL/dh_t (masked), for dW_hr
+  float* dh;          // (B, P) in/out: dh_n on entry, dh0 on exit
+  float* dc;          // (B, H) in/out, lstm only: dc_n on entry, dc0 on exit
+  float* dgh_step;    // (2, B, G*H) scratch: float32 hidden-side gate grads of the last two steps
+  float* dh_step;     // (B, P) scratch: dL/dh_t of the current step
+};
+
+// Each launcher checks every CUDA call and returns the first error (cudaErrorCooperativeLaunchTooLarge
+// when a forced persistent scheme does not fit) and sets *used to the scheme it ran. The cell's own file
+// defines its pair; `relu` picks the rnn's nonlinearity (else tanh).
+cudaError_t lstm_forward(Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t lstm_backward(Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t gru_forward(Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t gru_backward(Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t rnn_forward(bool relu, Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t rnn_backward(bool relu, Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+
+}  // namespace fusedrnn

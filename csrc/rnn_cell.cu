@@ -1,0 +1,37 @@
+// Elman RNN cell for the fused recurrence (recurrence.cuh): h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
+// Nothing saved (ws has width 0): the derivative follows from y[t] = h':  tanh' = 1 - h'^2,
+// relu' = [h' > 0] except that a NaN h' passes the gradient on. relu(NaN) stays NaN. Both as in torch.
+#include "recurrence.cuh"
+
+namespace fusedrnn {
+
+template <bool kRelu>
+struct RnnCell {
+  static constexpr int G = 1, WS = 0, kCSlot = 0;
+  static constexpr bool kHasC = false, kNeedsHPrev = false, kNeedsH = true, kDirect = false;
+
+  __device__ static float forward(const float* gx, const float* gh, float, float&, bool, float*) {
+    const float pre = gx[0] + gh[0];
+    return kRelu ? (pre < 0.f ? 0.f : pre) : tanhf(pre);
+  }
+
+  __device__ static float backward(float dh, float&, const float*, float, float, float h, bool, float* dgx,
+                                   float* dgh) {
+    dgx[0] = dgh[0] = kRelu ? (h <= 0.f ? 0.f : dh) : dh * (1.f - h * h);  // relu: a NaN h passes dh, as torch
+    return 0.f;
+  }
+};
+
+cudaError_t rnn_forward(bool relu, Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t stream,
+                        Scheme* used) {
+  return relu ? run_forward<RnnCell<true>>(dtype, a, scheme, stream, used)
+              : run_forward<RnnCell<false>>(dtype, a, scheme, stream, used);
+}
+
+cudaError_t rnn_backward(bool relu, Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t stream,
+                         Scheme* used) {
+  return relu ? run_backward<RnnCell<true>>(dtype, a, scheme, stream, used)
+              : run_backward<RnnCell<false>>(dtype, a, scheme, stream, used);
+}
+
+}  // namespace fusedrnn

@@ -1,0 +1,107 @@
+"""CUDA C++ backend: persistent fused recurrences (csrc/), one call per layer-direction.
+
+The contract (shapes, lengths' hold rule, what ws holds) is fusedrnn/reference.py's; this backend's ws
+has the reference's layout, so ``workspace_shape`` is the reference's. The compiled module is
+``fusedrnn._cuda`` (built by setup.py when torch has CUDA and nvcc is present), else the same sources
+built on first use with torch.utils.cpp_extension.load and ninja (cached by torch in
+``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions). A missing or broken build makes
+``unavailable_reason`` say why and how to fix it; it never raises.
+
+How the recurrence runs (csrc/recurrence.cuh): one cooperative kernel per sequence with the recurrent
+weights split over the thread blocks and held in shared memory ("persistent"), or, where they do not fit
+on chip, one launch per step reading them from global memory ("per_step"). ``SCHEME`` forces one
+(tests, benchmarks); "auto" picks persistent whenever it fits. ``POISON`` (tests) fills every buffer the
+kernels write with NaN first, so an element a kernel never wrote shows up as NaN.
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .reference import workspace_shape  # noqa: F401  (same ws layout as the reference)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCHEMES = ("auto", "persistent", "per_step")
+SCHEME = os.environ.get("FUSEDRNN_CUDA_SCHEME", "auto")
+POISON = False
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_FIX = (
+    "reinstall with a CUDA build of torch and its nvcc on PATH (FUSEDRNN_BUILD_CUDA=1 pip install "
+    "--no-build-isolation -e .), or keep nvcc + ninja available for the build on first use"
+)
+
+
+def sources():
+    """The extension's source files: every csrc/*.cu kernel file and the binding."""
+    return sorted(str(p) for p in CSRC.glob("*.cu")) + [str(CSRC / "cuda_binding.cpp")]
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    if not (CSRC / "cuda_binding.cpp").exists():
+        raise FileNotFoundError(f"{CSRC} has no sources (an install without csrc/)")
+    return load(
+        name="fusedrnn_cuda",
+        sources=sources(),
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-std=c++17"],
+        verbose=os.environ.get("FUSEDRNN_VERBOSE_BUILD") == "1",
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None), or (None, why it cannot be loaded, with the fix). Tried once per process."""
+    try:
+        from . import _cuda
+
+        return _cuda, None
+    except ImportError as e:
+        aot = f"fusedrnn._cuda: {e}"
+    try:
+        return _jit_build(), None
+    except Exception as e:  # noqa: BLE001 - any build failure becomes the reason string
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        built = f"building it failed ({type(e).__name__}: {first})"
+        return None, f"the CUDA extension is not built ({aot}) and {built}; {_FIX}"
+
+
+def _ext():
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"fusedrnn cuda backend: {reason}")
+    return module
+
+
+def unavailable_reason(device, dtype, mode):
+    """Why this backend cannot run (device type, dtype, mode), or None. Loads or builds the extension."""
+    if device != "cuda":
+        return f"needs a CUDA device (the tensors are on {device}); use backend 'cpp' or 'reference' there"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support; install a CUDA build of torch"
+    if dtype not in DTYPES:
+        return f"{dtype} is not supported (float32, float16, bfloat16); use backend 'reference' for it"
+    if SCHEME not in SCHEMES:
+        return f"FUSEDRNN_CUDA_SCHEME must be one of {SCHEMES}, got {SCHEME!r}"
+    return _load()[1]
+
+
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    y, h_n, c_n, ws = _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, SCHEME, POISON)
+    return y, h_n, c_n, ws
+
+
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+    return tuple(
+        _ext().backward(
+            mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, SCHEME, POISON
+        )
+    )
+
+
+def last_scheme():
+    """"persistent" or "per_step": how the last forward or backward call in this process ran."""
+    return _ext().last_scheme()

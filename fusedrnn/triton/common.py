@@ -1,0 +1,262 @@
+"""Pieces shared by the Triton recurrences (lstm.py, gru.py, rnn.py): jit helpers and the one launch point.
+
+Every kernel runs one layer-direction over the whole sequence in ONE launch. Grid: one program per
+BLOCK_B batch rows; a program owns every hidden unit of its rows, so the state h_t only travels between
+threads of one program: it is stored to global memory (L1/L2), ``tl.debug_barrier()`` (bar.sync, which
+orders the block's global accesses), then re-read at step t+1. No cross-program exchange, so the kernels
+also run under Triton's serial interpreter. Each step tiles the hidden units (BLOCK_N) and every
+reduction (BLOCK_K), so any H and P work; only int32 offsets within one time step bound the sizes
+(``check_sizes``). Time-plane offsets are int64.
+
+Matrix tiles use row-major (rows, cols) layouts with an explicit row stride; ``tile_matmul`` multiplies
+an activation tile by a weight matrix in the weights' dtype (tensor cores for fp16/bf16) with an fp32
+accumulator; fp32 runs tf32 or exact ("ieee") per ``precision``. Activations are computed in fp32 without
+libdevice (tanh = 2 * sigmoid(2x) - 1: the interpreter has no libdevice, and one formula everywhere keeps
+CPU tests and GPU runs on the same math).
+"""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_B = 16  # batch rows per program; tl.dot needs M >= 16 on GPUs
+MAX_BLOCK_N = 32  # hidden units per tile (module attributes so tests can shrink them to exercise tiling)
+MAX_BLOCK_K = 32  # reduction width per tl.dot; 64-wide tiles spill registers on sm_90 (ptxas -v), 32 barely
+_INT32_MAX = 2**31 - 1
+
+# True when the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported):
+# then they run on CPU tensors only. Fixed at import, as triton.jit decides it then.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+# ---- jit helpers -----------------------------------------------------------------------------------------
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + e^-x): exactly 0 or 1 once saturated, never NaN for finite or infinite x."""
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    """2 sigmoid(2x) - 1: libdevice-free; absolute error ~ float32 eps near 0 (relative error larger there)."""
+    return 2.0 * sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def time_index(k, T, REVERSE: tl.constexpr):
+    """The time index (int64) of the k-th step of the layer's direction: k, or T-1-k when REVERSE."""
+    t = tl.cast(k, tl.int64)
+    if REVERSE:
+        t = T - 1 - t
+    return t
+
+
+@triton.jit
+def batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows [BLOCK_B], which of them exist, and their lengths (T without len_ptr)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lens = tl.full([BLOCK_B], T, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    return rows, row_ok, lens
+
+
+@triton.jit
+def forward_step(s, T, B, P, lens, row_ok, h0_ptr, y_ptr, REVERSE: tl.constexpr):
+    """Forward step s: its time index t, which rows have it (valid [BLOCK_B]), and where h_{t-1} lives: a
+    (B, P) matrix, h0 at s = 0, else y at step s-1's time (y: (T, B, P))."""
+    t = time_index(s, T, REVERSE)
+    h_prev = tl.where(s == 0, h0_ptr, y_ptr + time_index(s - 1, T, REVERSE) * B * P)
+    return t, row_ok & (t < lens), h_prev
+
+
+@triton.jit
+def load_tile(ptr, stride, rows, row_ok, cols, col_ok):
+    """fp32 tile [rows, cols] of a row-major matrix whose rows are `stride` apart; zeros outside."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, stride, rows, row_ok, cols, col_ok, value):
+    """Store an fp32 tile into a row-major matrix of ptr's dtype."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(ptr + rows[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tile_matmul(a_ptr, a_stride, w_ptr, w_stride_k, w_stride_n, rows, row_ok, cols, col_ok, K,
+                PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[b, n] = sum_k a[rows[b], k] * w[k, cols[n]] for k < K, accumulated in fp32.
+
+    a: row-major, rows `a_stride` apart, any float dtype (cast to w's); w[k, n] lives at
+    w_ptr + k * w_stride_k + n * w_stride_n, so (w_stride_k, w_stride_n) = (1, K) reads W^T of a row-major W."""
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * a_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * w_stride_k + cols[None, :] * w_stride_n,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def hidden_preact(gate, h_ptr, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, P, HAS_BIAS: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(h W_hh^T + b_hh) for gate row block `gate`, hidden units `cols`: fp32 [BLOCK_B, BLOCK_N].
+
+    h: (B, P) at h_ptr; w_hh: (G*H, P); b_hh: (G*H,), read only when HAS_BIAS."""
+    acc = tile_matmul(h_ptr, P, w_hh_ptr + gate * H * P, 1, P, rows, row_ok, cols, col_ok, P,
+                      PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_hh_ptr + gate * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return overflow_like_storage(acc, w_hh_ptr.dtype.element_ty)
+
+
+@triton.jit
+def overflow_like_storage(v, DTYPE):
+    """fp32 v, with the values that overflow DTYPE (fp16: |v| > 65504) made +-inf and the rest kept in fp32.
+
+    torch.nn and reference.py round h W_hh^T + b_hh to x's dtype before adding x W_ih^T + b_ih, so in fp16
+    a hidden product beyond the range is inf there and meets an infinite input side as inf - inf = NaN;
+    this reproduces exactly those overflows without giving up the fp32 sum elsewhere."""
+    if DTYPE != tl.float32:
+        rounded = v.to(DTYPE).to(tl.float32)
+        v = tl.where(tl.abs(rounded) == float("inf"), rounded, v)
+    return v
+
+
+@triton.jit
+def gate_preact(gate, G, gx_t_ptr, h_ptr, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, P,
+                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The full pre-activation gx_t + h W_hh^T + b_hh of gate row block `gate` of G. gx_t: (B, G*H)."""
+    return load_tile(gx_t_ptr + gate * H, G * H, rows, row_ok, cols, col_ok) + hidden_preact(
+        gate, h_ptr, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, P, HAS_BIAS, PRECISION, BLOCK_B, BLOCK_N,
+        BLOCK_K)
+
+
+@triton.jit
+def store_held(y_t_ptr, h_prev_ptr, W, rows, row_ok, cols, col_ok, valid, h_new):
+    """y_t = h_new on rows that have this step, else the held h_{t-1}. y_t, h_prev: (B, W)."""
+    h_old = load_tile(h_prev_ptr, W, rows, row_ok, cols, col_ok)
+    store_tile(y_t_ptr, W, rows, row_ok, cols, col_ok, tl.where(valid[:, None], h_new, h_old))
+
+
+@triton.jit
+def add_output_grad(dh_ptr, dy_t_ptr, dht_ptr, dhy_t_ptr, valid, rows, row_ok, P, STORE_DHY: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Backward, first phase of a step: the gradient reaching h_t.
+
+    dht = dh + dy_t on rows with a step t (dy is ignored at padded steps); with STORE_DHY also
+    dhy_t = dht there and 0 elsewhere (for dW_hr). dh, dht: (B, P) fp32; dy_t, dhy_t: (B, P)."""
+    keep = valid[:, None]
+    for p0 in range(0, P, BLOCK_N):
+        cols = p0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < P
+        dy = load_tile(dy_t_ptr, P, rows, row_ok, cols, col_ok)
+        dht = load_tile(dh_ptr, P, rows, row_ok, cols, col_ok) + tl.where(keep, dy, 0.0)
+        store_tile(dht_ptr, P, rows, row_ok, cols, col_ok, dht)
+        if STORE_DHY:
+            store_tile(dhy_t_ptr, P, rows, row_ok, cols, col_ok, tl.where(keep, dht, 0.0))
+
+
+@triton.jit
+def backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, STORE_DHY: tl.constexpr,
+                  REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward step s undoes forward step k = T-1-s at time t. Runs add_output_grad (dh from plane s % 2
+    of the (2, B, P) dh_buf, dy and dhy: (T, B, P)) and the barrier after it; returns (k, t, valid)."""
+    k = T - 1 - s
+    t = time_index(k, T, REVERSE)
+    valid = row_ok & (t < lens)
+    add_output_grad(dh_buf_ptr + (s % 2) * B * P, dy_ptr + t * B * P, dht_ptr, dhy_ptr + t * B * P, valid,
+                    rows, row_ok, P, STORE_DHY, BLOCK_N)
+    tl.debug_barrier()
+    return k, t, valid
+
+
+@triton.jit
+def carry_hidden_grad(dg_t_ptr, GH, w_hh_ptr, dht_ptr, z_ptr, z_stride, dh_out_ptr, valid, rows, row_ok, P,
+                      HAS_DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward, last phase of a step: dh_{t-1} = dG_t W_hh (+ z * dh_t, the GRU's direct path, when
+    HAS_DIRECT) on rows that had step t, else dh_t (held).
+
+    dG_t: (B, GH) hidden-side gate grads; w_hh: (GH, P); dht, dh_out: (B, P) fp32; z: rows z_stride apart."""
+    for p0 in range(0, P, BLOCK_N):
+        cols = p0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < P
+        acc = tile_matmul(dg_t_ptr, GH, w_hh_ptr, P, 1, rows, row_ok, cols, col_ok, GH,
+                          PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+        dht = load_tile(dht_ptr, P, rows, row_ok, cols, col_ok)
+        if HAS_DIRECT:
+            acc += dht * load_tile(z_ptr, z_stride, rows, row_ok, cols, col_ok)
+        store_tile(dh_out_ptr, P, rows, row_ok, cols, col_ok, tl.where(valid[:, None], acc, dht))
+
+
+# ---- host side -------------------------------------------------------------------------------------------
+def _block(dim, cap):
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def precision(dtype):
+    """tl.dot input precision for float32 operands: tf32 exactly when torch's own float32 GEMMs use it
+    (torch.backends.cuda.matmul.allow_tf32, default False); other dtypes ignore it."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def check_sizes(B, widths, weights):
+    """Refuse shapes whose int32 in-step offsets would overflow: B rows of each per-step width, and
+    each weight matrix. widths: ints; weights: tensors or None."""
+    too_big = [w for w in widths if B * w > _INT32_MAX] + [w.numel() for w in weights if w is not None
+                                                            and w.numel() > _INT32_MAX]
+    if too_big:
+        raise RuntimeError(
+            f"fusedrnn triton backend: batch {B} with per-step widths {widths} exceeds the kernels' int32 "
+            f"in-step offsets (2**31 elements); use backend='reference' or split the batch"
+        )
+
+
+def dense(*tensors):
+    """Contiguous versions (no copy when already contiguous); None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def stand_in(t, other):
+    """A pointer argument for an optional tensor: t, or when it is None `other`, which the kernel will not
+    read (the flag that guards t is off)."""
+    return other if t is None else t
+
+
+def state_buffer(init):
+    """fp32 ping-pong buffer (2, *init.shape) for a state carried across steps: step s reads plane s % 2 and
+    writes the other, so no element is read and written in the same step. Plane 0 holds init."""
+    buf = init.new_empty((2, *init.shape), dtype=torch.float32)
+    buf[0] = init
+    return buf
+
+
+def final_state(buf, T, dtype):
+    """The state after T steps of a ``state_buffer``, as a fresh tensor of ``dtype``."""
+    return buf[T % 2].to(dtype, copy=True)
+
+
+def tuning(x, H):
+    """The constexprs every kernel takes besides its flags: dot precision and tile sizes for x: (T, B, I)
+    and H hidden units."""
+    return dict(PRECISION=precision(x.dtype), BLOCK_B=BLOCK_B, BLOCK_N=_block(H, MAX_BLOCK_N),
+                BLOCK_K=_block(H, MAX_BLOCK_K))
+
+
+def launch(kernel, x, H, args, **flags):
+    """The one place kernels start: one program per BLOCK_B rows of x: (T, B, I), on x's device.
+    args: the kernel's tensor and size arguments in order; flags: its constexpr switches."""
+    grid = (triton.cdiv(x.shape[1], BLOCK_B),)
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device:
+        kernel[grid](*args, **tuning(x, H), **flags)

@@ -1,0 +1,144 @@
+"""GRU recurrence (torch's reset-gate form) as one persistent Triton launch per layer-direction.
+
+Forward, gate rows r, z, n (s = sigmoid; valid[b] = t < lengths[b]; holding is a select):
+    A_t = x_t W_ih^T + b_ih                       (all steps at once: one cuBLAS GEMM before the launch)
+    Bh  = h_{t-1} W_hh^T + b_hh;   r = s(A_r + Bh_r);   z = s(A_z + Bh_z);   n = tanh(A_n + r Bh_n)
+    h_t = valid ? n + z (h_{t-1} - n) : h_{t-1}   (r multiplies Bh_n with its bias, as torch does)
+Backward, in reverse time (dh carried in fp32):
+    dh_t = dh + (valid ? dy_t : 0);   dn = dh_t (1-z)(1-n^2);   dz = dh_t (h_{t-1} - n) z(1-z);   dr = dn Bh_n r(1-r)
+    input side dA = (dr, dz, dn), hidden side dBh = (dr, dz, dn r), both 0 where not valid
+    dh_{t-1} = valid ? dBh W_hh + z dh_t : dh_t
+    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (reference._weight_grads).
+
+Per step the forward has one phase over H tiles; the backward three (dh_t, gate grads, dh_{t-1}),
+separated by tl.debug_barrier() because each reads rows that other threads of the program wrote.
+
+Saved for backward: ws (T, B, 4H), x's dtype, the reference backend's layout: r, z, n and Bh_n.
+y doubles as the h sequence. No output aliases an input or another output.
+"""
+
+import triton
+import triton.language as tl
+
+from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
+from . import common
+from .common import (backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact, load_tile, sigmoid,
+                     store_held, store_tile, tanh, time_index)
+
+
+@triton.jit
+def gru_forward_kernel(
+    gx_ptr,  # (T, B, 3H) x W_ih^T + b_ih, x's dtype
+    h0_ptr,  # (B, H)
+    w_hh_ptr,  # (3H, H)
+    b_hh_ptr,  # (3H,), read only if HAS_BIAS
+    len_ptr,  # (B,) int64, read only if HAS_LENGTHS
+    y_ptr,  # out (T, B, H): h_t (held)
+    ws_ptr,  # out (T, B, 4H): r, z, n, Bh_n
+    T, B, H,
+    REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    for s in range(T):
+        t, valid, h_prev = forward_step(s, T, B, H, lens, row_ok, h0_ptr, y_ptr, REVERSE)
+        gx_t = gx_ptr + t * B * 3 * H
+        ws_t = ws_ptr + t * B * 4 * H
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            bh_r = hidden_preact(0, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H, HAS_BIAS,
+                                 PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            bh_z = hidden_preact(1, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H, HAS_BIAS,
+                                 PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            bh_n = hidden_preact(2, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H, HAS_BIAS,
+                                 PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            r = sigmoid(load_tile(gx_t, 3 * H, rows, row_ok, cols, col_ok) + bh_r)
+            z = sigmoid(load_tile(gx_t + H, 3 * H, rows, row_ok, cols, col_ok) + bh_z)
+            n = tanh(load_tile(gx_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok) + r * bh_n)
+            h_old = load_tile(h_prev, H, rows, row_ok, cols, col_ok)
+            store_tile(ws_t, 4 * H, rows, row_ok, cols, col_ok, r)
+            store_tile(ws_t + H, 4 * H, rows, row_ok, cols, col_ok, z)
+            store_tile(ws_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok, n)
+            store_tile(ws_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok, bh_n)
+            store_held(y_ptr + t * B * H, h_prev, H, rows, row_ok, cols, col_ok, valid, n + z * (h_old - n))
+        tl.debug_barrier()
+
+
+@triton.jit
+def gru_backward_kernel(
+    ws_ptr,  # (T, B, 4H) from the forward
+    h0_ptr,  # (B, H)
+    y_ptr,  # (T, B, H) from the forward
+    w_hh_ptr,  # (3H, H)
+    len_ptr,  # (B,) int64, read only if HAS_LENGTHS
+    dy_ptr,  # (T, B, H)
+    dgx_ptr,  # out (T, B, 3H) x's dtype: input-side gate grads dA (0 at padded steps)
+    dgh_ptr,  # out (T, B, 3H) x's dtype: hidden-side gate grads dBh (0 at padded steps)
+    dh_buf_ptr,  # (2, B, H) fp32 ping-pong dh; plane 0 holds dh_n
+    dht_ptr,  # (B, H) fp32 scratch: dh_t of the current step
+    T, B, H,
+    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    for s in range(T):
+        k, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, False,
+                                    REVERSE, BLOCK_N)
+        keep = valid[:, None]
+        ws_t = ws_ptr + t * B * 4 * H
+        dgx_t = dgx_ptr + t * B * 3 * H
+        dgh_t = dgh_ptr + t * B * 3 * H
+        h_prev = tl.where(k == 0, h0_ptr, y_ptr + time_index(k - 1, T, REVERSE) * B * H)
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            dh = load_tile(dht_ptr, H, rows, row_ok, cols, col_ok)
+            r = load_tile(ws_t, 4 * H, rows, row_ok, cols, col_ok)
+            z = load_tile(ws_t + H, 4 * H, rows, row_ok, cols, col_ok)
+            n = load_tile(ws_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok)
+            bh_n = load_tile(ws_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok)
+            h_old = load_tile(h_prev, H, rows, row_ok, cols, col_ok)
+            dn = dh * ((1.0 - z) * (1.0 - n * n))  # bounded factors first, as in lstm.py
+            dz = tl.where(keep, dh * (z * (1.0 - z)) * (h_old - n), 0.0)
+            dr = tl.where(keep, dn * (r * (1.0 - r)) * bh_n, 0.0)
+            dn = tl.where(keep, dn, 0.0)
+            store_tile(dgx_t, 3 * H, rows, row_ok, cols, col_ok, dr)
+            store_tile(dgh_t, 3 * H, rows, row_ok, cols, col_ok, dr)
+            store_tile(dgx_t + H, 3 * H, rows, row_ok, cols, col_ok, dz)
+            store_tile(dgh_t + H, 3 * H, rows, row_ok, cols, col_ok, dz)
+            store_tile(dgx_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok, dn)
+            store_tile(dgh_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok, dn * r)
+        tl.debug_barrier()
+        carry_hidden_grad(dgh_t, 3 * H, w_hh_ptr, dht_ptr, ws_t + H, 4 * H, dh_buf_ptr + ((s + 1) % 2) * B * H,
+                          valid, rows, row_ok, H, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+
+
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    """The backend contract's forward for mode "gru" (see fusedrnn/reference.py): (y, h_n, None, ws)."""
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // 3
+    common.check_sizes(B, (4 * H,), (w_ih, w_hh))
+    h0, w_hh, b_hh = common.dense(h0, w_hh, b_hh)
+    gx = _input_projection(x, w_ih, b_ih)
+    y = x.new_empty(T, B, H)
+    ws = x.new_empty(workspace_shape(mode, T, B, H, H))
+    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, ws, T, B, H)
+    common.launch(gru_forward_kernel, x, H, args, REVERSE=reverse, HAS_BIAS=b_hh is not None,
+                  HAS_LENGTHS=lengths is not None)
+    return y, y[0 if reverse else T - 1].clone(), None, ws
+
+
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+    """The backend contract's backward for mode "gru": (dx, dh0, None, dw_ih, dw_hh, db_ih, db_hh, None)."""
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // 3
+    h0, y, ws, w_hh, dy = common.dense(h0, y, ws, w_hh, dy)
+    dgx, dgh = x.new_empty(T, B, 3 * H), x.new_empty(T, B, 3 * H)
+    dh_buf = common.state_buffer(dh_n)
+    dht = dh_buf.new_empty(B, H)
+    args = (ws, h0, y, w_hh, common.stand_in(lengths, h0), dy, dgx, dgh, dh_buf, dht, T, B, H)
+    common.launch(gru_backward_kernel, x, H, args, REVERSE=reverse, HAS_LENGTHS=lengths is not None)
+    dh0 = common.final_state(dh_buf, T, x.dtype)
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dgx, dgh, None, dh0, None, H)

@@ -1,0 +1,114 @@
+"""Elman RNN recurrence (tanh or relu) as one persistent Triton launch per layer-direction.
+
+Forward (valid[b] = t < lengths[b]; holding is a select):
+    gx_t = x_t W_ih^T + b_ih                      (all steps at once: one cuBLAS GEMM before the launch)
+    h_t  = valid ? act(gx_t + h_{t-1} W_hh^T + b_hh) : h_{t-1},   act = tanh | relu (NaN-propagating, as torch)
+Backward, in reverse time (dh carried in fp32):
+    dh_t = dh + (valid ? dy_t : 0);   dG = valid ? dh_t (1 - h_t^2) | (h_t <= 0 ? 0 : dh_t) : 0   (tanh | relu)
+    dh_{t-1} = valid ? dG W_hh : dh_t
+    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (reference._weight_grads).
+
+Per step the forward has one phase over H tiles; the backward three (dh_t, dG, dh_{t-1}), separated by
+tl.debug_barrier() because each reads rows that other threads of the program wrote.
+
+Saved for backward: ws (T, B, 0), as in the reference: act' follows from y, which doubles as the h sequence.
+No output aliases an input or another output.
+"""
+
+import triton
+import triton.language as tl
+
+from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
+from . import common
+from .common import (backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact, load_tile, store_held,
+                     store_tile, tanh)
+
+
+@triton.jit
+def rnn_forward_kernel(
+    gx_ptr,  # (T, B, H) x W_ih^T + b_ih, x's dtype
+    h0_ptr,  # (B, H)
+    w_hh_ptr,  # (H, H)
+    b_hh_ptr,  # (H,), read only if HAS_BIAS
+    len_ptr,  # (B,) int64, read only if HAS_LENGTHS
+    y_ptr,  # out (T, B, H): h_t (held)
+    T, B, H,
+    RELU: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    for s in range(T):
+        t, valid, h_prev = forward_step(s, T, B, H, lens, row_ok, h0_ptr, y_ptr, REVERSE)
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            pre = gate_preact(0, 1, gx_ptr + t * B * H, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H,
+                              HAS_BIAS, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            if RELU:
+                h_new = tl.where(pre < 0.0, 0.0, pre)  # relu(NaN) = NaN, as torch (a select keeps NaN)
+            else:
+                h_new = tanh(pre)
+            store_held(y_ptr + t * B * H, h_prev, H, rows, row_ok, cols, col_ok, valid, h_new)
+        tl.debug_barrier()
+
+
+@triton.jit
+def rnn_backward_kernel(
+    y_ptr,  # (T, B, H) from the forward
+    w_hh_ptr,  # (H, H)
+    len_ptr,  # (B,) int64, read only if HAS_LENGTHS
+    dy_ptr,  # (T, B, H)
+    dg_ptr,  # out (T, B, H) x's dtype: pre-activation grads (0 at padded steps)
+    dh_buf_ptr,  # (2, B, H) fp32 ping-pong dh; plane 0 holds dh_n
+    dht_ptr,  # (B, H) fp32 scratch: dh_t of the current step
+    T, B, H,
+    RELU: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    for s in range(T):
+        _, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, False,
+                                    REVERSE, BLOCK_N)
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            dh = load_tile(dht_ptr, H, rows, row_ok, cols, col_ok)
+            h = load_tile(y_ptr + t * B * H, H, rows, row_ok, cols, col_ok)
+            if RELU:
+                dg = tl.where(h <= 0.0, 0.0, dh)  # torch's relu backward: a NaN h passes dh on
+            else:
+                dg = dh * (1.0 - h * h)
+            store_tile(dg_ptr + t * B * H, H, rows, row_ok, cols, col_ok, tl.where(valid[:, None], dg, 0.0))
+        tl.debug_barrier()
+        carry_hidden_grad(dg_ptr + t * B * H, H, w_hh_ptr, dht_ptr, dht_ptr, H, dh_buf_ptr + ((s + 1) % 2) * B * H,
+                          valid, rows, row_ok, H, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+
+
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    """The backend contract's forward for "rnn_tanh" / "rnn_relu" (see fusedrnn/reference.py): (y, h_n, None, ws)."""
+    T, B, _ = x.shape
+    H = w_hh.shape[0]
+    common.check_sizes(B, (H,), (w_ih, w_hh))
+    h0, w_hh, b_hh = common.dense(h0, w_hh, b_hh)
+    gx = _input_projection(x, w_ih, b_ih)
+    y = x.new_empty(T, B, H)
+    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, T, B, H)
+    common.launch(rnn_forward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
+                  HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
+    return y, y[0 if reverse else T - 1].clone(), None, x.new_empty(workspace_shape(mode, T, B, H, H))
+
+
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+    """The backend contract's backward for the RNN modes: (dx, dh0, None, dw_ih, dw_hh, db_ih, db_hh, None)."""
+    T, B, _ = x.shape
+    H = w_hh.shape[0]
+    y, w_hh, dy = common.dense(y, w_hh, dy)
+    dg = x.new_empty(T, B, H)
+    dh_buf = common.state_buffer(dh_n)
+    dht = dh_buf.new_empty(B, H)
+    args = (y, w_hh, common.stand_in(lengths, y), dy, dg, dh_buf, dht, T, B, H)
+    common.launch(rnn_backward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
+                  HAS_LENGTHS=lengths is not None)
+    dh0 = common.final_state(dh_buf, T, x.dtype)
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dg, dg, None, dh0, None, H)

@@ -1,0 +1,106 @@
+"""torch.compile and torch.export on models holding fused RNNs.
+
+Every compile uses fullgraph=True, so a graph break fails the test. The aot_eager backend runs the same kernels
+as eager through AOTAutograd (fake impls, the registered autograd), so it must match eager to rounding;
+inductor, the default, gets one test of its own (it is slow to compile on the CPU).
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fusedrnn
+from fusedrnn.compile import compile_support
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+class Stack(nn.Module):
+    """Every fused class in one model (one compile): projected 2-layer LSTM, bidirectional GRU, relu RNN."""
+
+    def __init__(self, gru=fusedrnn.GRU):
+        super().__init__()
+        self.lstm = fusedrnn.LSTM(3, 6, num_layers=2, proj_size=4)
+        self.gru = gru(4, 4, bidirectional=True)
+        self.rnn = fusedrnn.RNN(8, 3, nonlinearity="relu")
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(x)
+        y, _ = self.gru(y, h[-1:].repeat(2, 1, 1).contiguous())
+        y, _ = self.rnn(y)
+        return y + c.sum(0).mean()
+
+
+def _outputs_and_grads(model, x):
+    """Output (the first, for RNN modules) and the gradients of a fixed random projection of it w.r.t. x and
+    every parameter."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
+    return [out.detach(), *grads]
+
+
+def _assert_same(compiled, eager, x, **tolerance):
+    for got, want in zip(_outputs_and_grads(compiled, x), _outputs_and_grads(eager, x), strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fullgraph_dynamic_matches_eager_without_recompiling(device):
+    model = Stack().to(device)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    with compile_support():
+        # Sizes 0 and 1 are always specialized, and the first call's sizes must differ from each other and from
+        # the feature size 3, else Dynamo's duck sizing shares one symbol between them
+        _assert_same(compiled, model, torch.randn(5, 4, 3, device=device))
+        compiles = counter.frame_count  # one frame; Dynamo may call the backend twice for it
+        for T, B in ((8, 2), (4, 5)):
+            _assert_same(compiled, model, torch.randn(T, B, 3, device=device))
+        assert counter.frame_count == compiles, "a new batch size or sequence length recompiled"
+
+
+def test_switch_is_scoped_and_plain_torch_rnn_works_beside_fused():
+    model = Stack(gru=nn.GRU)
+    x = torch.randn(4, 3, 3)
+    with compile_support():
+        _assert_same(torch.compile(model, fullgraph=True, backend="aot_eager"), model, x)
+    assert torch._dynamo.config.allow_rnn is False
+    # Without the switch: a graph break around each RNN module, as for torch.nn's alone
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="allow_rnn"):
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    _assert_same(torch.compile(model, backend="eager"), model, x)
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager():
+    model = fusedrnn.LSTM(3, 5, num_layers=2)
+    with compile_support():
+        _assert_same(torch.compile(model, fullgraph=True), model, torch.randn(4, 3, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_each_fused_layer_one_node():
+    model = Stack().eval()
+    x = torch.randn(5, 3, 3)
+    dims = {"x": {0: torch.export.Dim("T", min=2), 1: torch.export.Dim("B", min=2)}}
+    program = torch.export.export(model, (x,), dynamic_shapes=dims)
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.fusedrnn.layer_forward.default) == 2 + 2 + 1  # LSTM layers, GRU directions, RNN
+    others = [str(t) for t in targets if t != torch.ops.fusedrnn.layer_forward.default]
+    assert not [name for name in others if any(cell in name for cell in ("lstm", "gru", "rnn_"))]
+    with torch.no_grad():
+        for T, B in ((5, 3), (7, 2)):
+            x = torch.randn(T, B, 3)
+            torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_named_backend_that_cannot_run_raises_under_compile():
+    """Backend resolution runs at trace time; its error reaches the caller as a RuntimeError, message intact."""
+    model = fusedrnn.GRU(3, 4, backend="cuda")  # the inputs are on the CPU
+    with compile_support(), pytest.raises(RuntimeError, match="backend 'cuda' cannot run gru"):
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(4, 2, 3))

@@ -1,0 +1,151 @@
+"""CUDA backend vs cuDNN (torch.nn on CUDA) and a float64 reference, with the oracle of conftest.py.
+
+Every cell (LSTM incl. proj_size, GRU, RNN tanh/relu), 1-3 layers, bidirectional, PackedSequence,
+float32 / float16 / bfloat16, awkward shapes (H=123, B=1, T=1, I != H), the book's model, and both
+schemes of the kernels (persistent, per_step) as well as the automatic choice. Every buffer the kernels
+write is NaN-poisoned first (fusedrnn.cuda.POISON), so an element a kernel never wrote fails the
+oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run anywhere.
+"""
+
+import pytest
+import torch
+
+from conftest import CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
+from fusedrnn import cuda as cuda_backend
+from fusedrnn import reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCHEMES = ("persistent", "per_step")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "POISON", True)
+
+
+def _use_scheme(monkeypatch, scheme):
+    monkeypatch.setattr(cuda_backend, "SCHEME", scheme)
+
+
+def _states(bidirectional, layers):
+    return layers * (2 if bidirectional else 1)
+
+
+# ---- anywhere ---------------------------------------------------------------------------------------------
+def test_cpu_is_refused_with_the_reason():
+    assert "CUDA device" in cuda_backend.unavailable_reason("cpu", torch.float32, "lstm")
+    fused, _ = make_pair("lstm", 3, 4, backend="cuda")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        fused(random_input(2, 1, 3, dtype=torch.float32))
+
+
+def test_float64_is_refused():
+    assert cuda_backend.unavailable_reason("cuda", torch.float64, "gru") is not None
+
+
+# ---- GPU --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "T,B,I,H,layers,bidirectional",
+    [
+        (5, 3, 4, 6, 1, False),
+        (1, 1, 3, 5, 1, False),  # T=1, B=1
+        (7, 2, 9, 123, 2, True),  # H=123, I != H
+        (4, 5, 6, 6, 3, False),
+        (3, 40, 8, 64, 1, True),  # two batch tiles of the kernels
+    ],
+)
+def test_matches_cudnn(monkeypatch, scheme, dtype, cell, T, B, I, H, layers, bidirectional):
+    _use_scheme(monkeypatch, scheme)
+    fused, ref = make_pair(cell, I, H, "cuda", device="cuda", num_layers=layers, bidirectional=bidirectional)
+    hx = random_hx(cell, _states(bidirectional, layers), B, H)
+    check_oracle(fused, ref, random_input(T, B, I), hx, dtype=dtype, device="cuda")
+    assert fused.last_backend == "cuda"
+    assert cuda_backend.last_scheme() == scheme
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("H,P", [(9, 4), (64, 32)])
+def test_lstm_proj(monkeypatch, scheme, dtype, bidirectional, H, P):
+    _use_scheme(monkeypatch, scheme)
+    fused, ref = make_pair("lstm", 5, H, "cuda", device="cuda", num_layers=2, proj_size=P, bidirectional=bidirectional)
+    hx = random_hx("lstm", _states(bidirectional, 2), 3, H, proj_size=P)
+    check_oracle(fused, ref, random_input(6, 3, 5), hx, dtype=dtype, device="cuda")
+    assert cuda_backend.last_scheme() == scheme
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed(monkeypatch, scheme, dtype, cell, enforce_sorted, bidirectional):
+    _use_scheme(monkeypatch, scheme)
+    lengths = [5, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4]
+    fused, ref = make_pair(cell, 3, 6, "cuda", device="cuda", num_layers=2, bidirectional=bidirectional)
+    packed = random_packed(lengths, 3, enforce_sorted=enforce_sorted)
+    hx = random_hx(cell, _states(bidirectional, 2), len(lengths), 6)
+    check_oracle(fused, ref, packed, hx, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_packed_lstm_proj():
+    fused, ref = make_pair("lstm", 3, 6, "cuda", device="cuda", num_layers=2, bidirectional=True, proj_size=2)
+    packed = random_packed([3, 6, 1], 3)
+    check_oracle(fused, ref, packed, random_hx("lstm", 4, 3, 6, proj_size=2), dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_no_bias_batch_first_no_hx(cell):
+    fused, ref = make_pair(cell, 4, 7, "cuda", device="cuda", num_layers=2, bias=False, batch_first=True)
+    check_oracle(fused, ref, random_input(5, 3, 4, batch_first=True), None, dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_book_model_runs_persistent(dtype):
+    """The book's model (T=35, B=32, I=28, H=256, 2 layers): the shape the persistent kernel is for."""
+    fused, ref = make_pair("lstm", 28, 256, "cuda", device="cuda", num_layers=2)
+    check_oracle(fused, ref, random_input(35, 32, 28), random_hx("lstm", 2, 32, 256), dtype=dtype, device="cuda")
+    assert cuda_backend.last_scheme() == "persistent"
+
+
+@pytest.mark.gpu
+def test_weights_too_big_for_chip_fall_back_to_per_step():
+    """H=2048 LSTM in float32 (64 MiB of W_hh) cannot stay on chip: auto runs the per-step kernels."""
+    fused, ref = make_pair("lstm", 16, 2048, "cuda", device="cuda")
+    check_oracle(fused, ref, random_input(3, 2, 16), random_hx("lstm", 1, 2, 2048), dtype=torch.float32, device="cuda")
+    assert cuda_backend.last_scheme() == "per_step"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", CELLS)
+def test_contract_fresh_outputs_and_workspace(mode):
+    """The backend call itself: fresh outputs, the reference's ws layout and values (oracle vs float64)."""
+    T, B, I, H = 4, 3, 5, 6
+    G = reference.GATES[mode]
+    gen = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H) if mode == "lstm" else None]
+    gen += [torch.randn(G * H, I), torch.randn(G * H, H), torch.randn(G * H), torch.randn(G * H), None]
+    lengths = torch.tensor([4, 2, 3])
+    args64 = [t if t is None else t.double() for t in gen]
+    truth = reference.forward(mode, *args64, lengths, True)
+    on_gpu = [t if t is None else t.cuda() for t in gen]
+    got = cuda_backend.forward(mode, *on_gpu, lengths.cuda(), True)
+    base = reference.forward(mode, *on_gpu, lengths.cuda(), True)
+    outs = [t for t in got if t is not None and t.numel()]
+    assert len({t.data_ptr() for t in outs}) == len(outs)
+    assert not any(t.data_ptr() == a.data_ptr() for t in outs for a in on_gpu if a is not None)
+    assert got[3].shape == cuda_backend.workspace_shape(mode, T, B, H, H)
+    for g, b, t in zip(got, base, truth):
+        if t is None:
+            assert g is None
+        elif t.numel():
+            assert rel_err(g.cpu(), t) <= FACTOR["output"] * rel_err(b.cpu(), t) + FLOOR[torch.float32]

@@ -1,0 +1,218 @@
+"""CPU-side checks of the CUDA backend's sources; no GPU needed, CI runs them.
+
+1. Compile: every csrc/*.cu builds with the local nvcc for sm_80 and sm_90, and ptxas's report shows
+   every kernel with no spills and no stack frame (a register array demoted to local memory is a silent
+   slowdown in the hot loop). Skipped without nvcc.
+2. Host emulation: the same kernels, launchers and pybind11 binding, host-compiled together with
+   csrc/host_emulation.h (fibers for threads, one OS thread per block), run on CPU tensors and are held
+   to the oracle of conftest.py against the reference backend in float64, with NaN-poisoned outputs:
+   every cell, both schemes (persistent with its grid barrier, per_step), lengths, reverse, proj_size,
+   batch tiles, float16/bfloat16, and fibers resumed in reverse order to expose missing barriers.
+   This proves the indexing and the algorithm, not the GPU memory model or speed. Skipped without the
+   CUDA headers.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CELLS, FACTOR, FLOOR, rel_err
+from fusedrnn import reference
+from fusedrnn.cuda import CSRC
+
+NVCC = shutil.which("nvcc")
+KERNEL_FILES = sorted(CSRC.glob("*.cu"))
+ARCHS = ("sm_80", "sm_90")
+EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+EMULATION_DIR = EXTENSIONS_DIR / "fusedrnn_emulation"
+KERNELS_PER_FILE = {"lstm_cell.cu": 12, "gru_cell.cu": 12, "rnn_cell.cu": 24}  # fwd/bwd x 3 dtypes x 2 schemes
+
+
+def _cuda_include():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    path = Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    return path if (path / "cuda_runtime.h").exists() else None
+
+
+# ---- 1. nvcc + ptxas report -----------------------------------------------------------------------------
+PROPERTIES = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_report(text):
+    """{(kernel, arch): (stack_bytes, spill_stores, spill_loads, registers)} from `nvcc -Xptxas -v` output."""
+    report, current = {}, None
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line):
+            current = m.groups()
+        elif current and (m := PROPERTIES.search(line)):
+            report[current] = tuple(int(g) for g in m.groups())
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            report[current] = (*report[current], int(m.group(1)))
+            current = None
+    return report
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{file name: (nvcc return code, its output)}: each file built once for every arch, archs in parallel."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out = tmp_path_factory.mktemp("nvcc")
+    results = {}
+    for source in KERNEL_FILES:
+        archs = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+        cmd = [NVCC, "-c", "-O3", "-std=c++17", *archs, "--threads", "0", "-Xptxas", "-v", str(source)]
+        done = subprocess.run([*cmd, "-o", str(out / "k.o")], capture_output=True, text=True, timeout=600)
+        results[source.name] = (done.returncode, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    return results
+
+
+def test_every_kernel_file_is_known():
+    assert sorted(p.name for p in KERNEL_FILES) == sorted(KERNELS_PER_FILE)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", KERNEL_FILES, ids=lambda p: p.name)
+def test_compiles_without_spills(compiled, source, arch):
+    returncode, output = compiled[source.name]
+    assert returncode == 0, output[-4000:]
+    kernels = {k: v for (k, a), v in _ptxas_report(output).items() if a == arch and "_kernel" in k}
+    assert len(kernels) == KERNELS_PER_FILE[source.name], output[-4000:]
+    for name, (stack, stores, loads, regs) in kernels.items():
+        assert (stack, stores, loads) == (0, 0, 0), f"{name} on {arch}: stack {stack} B, spills {stores}/{loads} B"
+        assert regs <= 255, f"{name} on {arch}: {regs} registers"
+
+
+# ---- 2. host emulation ----------------------------------------------------------------------------------
+def build_emulated():
+    """The binding + kernels built for the host: fusedrnn._cuda's API on CPU tensors (cached by torch)."""
+    include = _cuda_include()
+    if include is None:
+        pytest.skip("CUDA headers not found (the emulation compiles against cuda_runtime.h)")
+    from torch.utils.cpp_extension import load
+
+    # Two translation units so ninja builds them in parallel; the kernels' one must sit at a stable path
+    # (a new path every run would defeat torch's build cache).
+    kernels = EMULATION_DIR / "kernels_emulated.cpp"
+    text = '#include "host_emulation.h"\n'
+    if not kernels.exists() or kernels.read_text() != text:
+        kernels.parent.mkdir(parents=True, exist_ok=True)
+        kernels.write_text(text)
+    return load(
+        name="fusedrnn_cuda_emulated",
+        sources=[str(CSRC / "cuda_binding.cpp"), str(kernels)],
+        extra_include_paths=[str(CSRC), str(include)],
+        extra_cflags=["-std=c++20", "-O1", "-fno-extern-tls-init", "-Wno-unknown-pragmas"],
+    )
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return build_emulated()
+
+
+def _layer(mode, T, B, I, H, P, lengths, bias=True):
+    """Random float64 inputs of one layer-direction call: (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)."""
+    G = reference.GATES[mode]
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(B, P, dtype=torch.float64)
+    c0 = torch.randn(B, H, dtype=torch.float64) if mode == "lstm" else None
+    w_ih = torch.randn(G * H, I, dtype=torch.float64) / I**0.5
+    w_hh = torch.randn(G * H, P, dtype=torch.float64) / P**0.5
+    b_ih = torch.randn(G * H, dtype=torch.float64) if bias else None
+    b_hh = torch.randn(G * H, dtype=torch.float64) if bias else None
+    w_hr = torch.randn(P, H, dtype=torch.float64) / H**0.5 if P != H else None
+    lengths = torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
+
+
+def _cotangents(mode, T, B, H, P):
+    dc = torch.randn(B, H, dtype=torch.float64) if mode == "lstm" else None
+    return torch.randn(T, B, P, dtype=torch.float64), torch.randn(B, P, dtype=torch.float64), dc
+
+
+def _run(backend, mode, inputs, cot, reverse, dtype, *extra):
+    """Forward then backward of `backend` (the contract's forward/backward) in `dtype`.
+
+    Returns the outputs and gradients, and the schemes the two calls ran (emulated backend only)."""
+    cast = [t if t is None or t.dtype == torch.int64 else t.to(dtype) for t in inputs]
+    y, h_n, c_n, ws = backend.forward(mode, *cast, reverse, *extra)
+    schemes = [backend.last_scheme()] if extra else []
+    dy, dh, dc = (t if t is None else t.to(dtype) for t in cot)
+    grads = backend.backward(mode, *cast, reverse, y, ws, dy, dh, dc, *extra)
+    schemes += [backend.last_scheme()] if extra else []
+    return [y, h_n, c_n, *grads], schemes
+
+
+NAMES = ("y", "h_n", "c_n", "dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr")
+CASES = {  # T, B, I, H, P, lengths, reverse
+    "small": (3, 2, 3, 5, 5, None, False),
+    "packed-reverse": (4, 5, 4, 6, 6, [4, 1, 3, 2, 4], True),
+    "packed": (4, 3, 2, 9, 9, [2, 4, 1], False),
+    "two-batch-tiles": (2, 37, 3, 7, 7, None, True),
+}
+
+
+def _check(emulated, mode, case, scheme, dtype=torch.float32):
+    T, B, I, H, P, lengths, reverse = case
+    inputs = _layer(mode, T, B, I, H, P, lengths)
+    cot = _cotangents(mode, T, B, H, P)
+    truth, _ = _run(reference, mode, inputs, cot, reverse, torch.float64)
+    base, _ = _run(reference, mode, inputs, cot, reverse, dtype)
+    got, schemes = _run(emulated, mode, inputs, cot, reverse, dtype, scheme, True)  # poisoned outputs
+    assert schemes == [scheme, scheme]
+    for name, g, b, t in zip(NAMES, got, base, truth):
+        if t is None:
+            assert g is None, name
+            continue
+        assert torch.isfinite(g).all(), f"{name}: non-finite (an element the kernel never wrote?)"
+        factor = FACTOR["output" if name in ("y", "h_n", "c_n") else "grad"]
+        err, err_ref = rel_err(g, t), rel_err(b, t)
+        assert err <= factor * err_ref + FLOOR[dtype], f"{name}: err {err:.2e} vs reference in {dtype} {err_ref:.2e}"
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_emulated_matches_reference(emulated, mode, case, scheme):
+    _check(emulated, mode, CASES[case], scheme)
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([1, 4, 3], False), ([4, 2, 3], True)])
+def test_emulated_lstm_proj(emulated, lengths, reverse, scheme):
+    _check(emulated, "lstm", (4, 3, 5, 9, 4, lengths, reverse), scheme)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("mode", ("lstm", "gru"))
+def test_emulated_half_precision(emulated, mode, dtype):
+    _check(emulated, mode, CASES["packed-reverse"], "persistent", dtype)
+
+
+def test_emulated_reverse_fiber_order(emulated):
+    """Threads resumed in reverse order at every barrier: a read that only a lucky order makes right fails."""
+    script = (
+        "import sys, torch; sys.path[:0] = sys.argv[1:3];"
+        "import test_cuda_compile as t; from conftest import CELLS;"
+        "m = t.build_emulated();"
+        "[t._check(m, mode, t.CASES['packed-reverse'], s) for mode in CELLS for s in ('persistent', 'per_step')];"
+        "t._check(m, 'lstm', (4, 3, 5, 9, 4, [1, 4, 3], True), 'persistent')"
+    )
+    env = {**os.environ, "FUSEDRNN_EMU_REVERSE": "1"}
+    here = str(Path(__file__).parent)
+    done = subprocess.run(
+        ["python", "-c", script, here, str(CSRC.parent)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_emulated_many_rows(emulated):
+    """T*B > 1024 rows: the float32 weight gradients take the binding's blocked float64 sum."""
+    _check(emulated, "lstm", (30, 40, 3, 4, 4, [30] * 39 + [7], False), "persistent")

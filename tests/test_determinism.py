@@ -1,0 +1,78 @@
+"""Determinism: the same inputs give bitwise identical outputs and gradients, run after run.
+
+CPU: every available backend, in the default mode and under torch.use_deterministic_algorithms(True),
+which must neither raise nor change a bit. GPU (``gpu`` marker): under deterministic mode a backend either
+raises a RuntimeError that says so, as torch's own nondeterministic ops do, or repeats bit for bit.
+"""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import backend as backends
+from conftest import CELLS, make_pair, random_hx, random_input, run_model
+
+CPU_BACKENDS = fusedrnn.available_backends("cpu")
+
+
+@pytest.fixture
+def deterministic_mode():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _problem(backend, cell, device="cpu"):
+    """A model and inputs big enough for the backends' threading to split work: (model, x, hx)."""
+    big = not (backend == "triton" and device == "cpu")  # the interpreter runs programs serially: keep it tiny
+    T, B, I, H, layers = (6, 64, 24, 48, 2) if big else (3, 2, 3, 4, 1)
+    model = make_pair(cell, I, H, backend, num_layers=layers, bidirectional=big, device=device)[0]
+    x = random_input(T, B, I, dtype=torch.float32).to(device).requires_grad_()
+    hx = random_hx(cell, layers * (1 + big), B, H, dtype=torch.float32)
+    hx = tuple(h.to(device).requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.to(device).requires_grad_()
+    return model, x, hx
+
+
+def _assert_bitwise_equal(first, second):
+    for kind in ("out", "grad"):
+        for i, (a, b) in enumerate(zip(first[kind], second[kind])):
+            assert torch.equal(a, b), f"{kind}[{i}] differs between two identical runs"
+
+
+def _require(backend, device, cell):
+    reason = backends._reason(backend, device, torch.float32, cell)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run {cell} on {device}: {reason}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_bitwise_identical_twice(backend, cell):
+    _require(backend, "cpu", cell)
+    model, x, hx = _problem(backend, cell)
+    _assert_bitwise_equal(run_model(model, x, hx), run_model(model, x, hx))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_deterministic_mode_runs_unchanged(backend, cell, deterministic_mode):
+    _require(backend, "cpu", cell)
+    model, x, hx = _problem(backend, cell)
+    strict = run_model(model, x, hx)
+    torch.use_deterministic_algorithms(False)
+    _assert_bitwise_equal(strict, run_model(model, x, hx))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_deterministic_mode_raises_or_repeats(backend, cell, deterministic_mode):
+    _require(backend, "cuda", cell)
+    model, x, hx = _problem(backend, cell, device="cuda")
+    try:
+        first = run_model(model, x, hx)
+    except RuntimeError as error:
+        assert "determinis" in str(error), f"unexpected error under deterministic mode: {error}"
+        return
+    _assert_bitwise_equal(first, run_model(model, x, hx))

@@ -1,0 +1,154 @@
+"""Numerics at the edges, every available CPU backend: huge and tiny magnitudes, NaN/Inf confined to their
+sequence, padding that never leaks, and float16 overflow exactly where torch.nn overflows.
+
+Magnitudes and non-finite values are compared with torch.nn run on the same weights and inputs; "no NaN
+where torch.nn has none" is checked element by element on outputs and every gradient.
+"""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import backend as backends
+from fusedrnn.ops import run_layer
+from fusedrnn.reference import GATES
+from conftest import CELLS, FLOOR, check_oracle, make_pair, random_hx, random_input, rel_err, run_model
+
+CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
+ALL_CPU_BACKENDS = fusedrnn.available_backends("cpu")  # triton (interpreted) too: these shapes are tiny
+
+
+def _require(backend, cell, dtype):
+    reason = backends._reason(backend, "cpu", dtype, cell)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run {cell} in {dtype} on the CPU: {reason}")
+
+
+def _scaled(hx, scale):
+    return tuple(h * scale for h in hx) if isinstance(hx, tuple) else hx * scale
+
+
+def _leaves(x, hx):
+    """Fresh leaf copies of x and hx (a tensor or a tuple), for one run_model call."""
+    hx = tuple(h.clone().requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.clone().requires_grad_()
+    return x.clone().requires_grad_(), hx
+
+
+def _assert_no_new_nan(got, base):
+    """got, base: run_model results of the fused model and of torch.nn."""
+    for kind in ("out", "grad"):
+        for i, (a, b) in enumerate(zip(got[kind], base[kind])):
+            new = a.isnan() & ~b.isnan()
+            assert not new.any(), f"{kind}[{i}]: {int(new.sum())} NaN where torch.nn has none"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("scale", [1e4, 1e30, 1e-30, 1e-40], ids=lambda s: f"{s:.0e}")
+def test_extreme_magnitudes(backend, cell, scale):
+    """Inputs and initial states scaled far into saturation (1e30: x W ~ 1e30, gradients ~ 1e59 before the
+    saturated gates' zero derivatives cancel them) or down to float32 subnormals (1e-40)."""
+    _require(backend, cell, torch.float32)
+    fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=True)
+    x, hx = random_input(4, 3, 3) * scale, _scaled(random_hx(cell, 4, 3, 5), scale)
+    check_oracle(fused, ref, x, hx, dtype=torch.float32)  # asserts finite outputs and gradients
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_nonfinite_stays_in_its_sequence(backend, cell, value):
+    """One input element of sequence 1 is NaN/Inf: the other sequences' outputs and their input and state
+    gradients are exactly torch.nn's (the shared weight gradients may be polluted, as in torch.nn)."""
+    _require(backend, cell, torch.float64)
+    fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = random_input(4, 3, 3)
+    x[1, 1, 0] = value
+    hx = random_hx(cell, 4, 3, 5)
+    got, base = run_model(fused, *_leaves(x, hx)), run_model(ref, *_leaves(x, hx))
+    _assert_no_new_nan(got, base)
+    states = len(hx) if isinstance(hx, tuple) else 1
+    others = [0, 2]
+    per_sequence = got["out"] + got["grad"][: 1 + states], base["out"] + base["grad"][: 1 + states]
+    for i, (a, b) in enumerate(zip(*per_sequence)):
+        a, b = a[:, others], b[:, others]  # every per-sequence tensor has its batch on axis 1
+        assert torch.isfinite(a).all(), f"tensor {i}: non-finite values leaked into other sequences"
+        assert rel_err(a, b) <= FLOOR[torch.float64], f"tensor {i}: other sequences differ from torch.nn"
+
+
+def _layer_args(cell, T, B, I, H, dtype=torch.float64):
+    G = GATES[cell]
+    return dict(
+        x=torch.randn(T, B, I, dtype=dtype),
+        h0=torch.randn(B, H, dtype=dtype),
+        c0=torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
+        w_ih=torch.randn(G * H, I, dtype=dtype),
+        w_hh=torch.randn(G * H, H, dtype=dtype) / H,
+        b_ih=torch.randn(G * H, dtype=dtype),
+        b_hh=torch.randn(G * H, dtype=dtype),
+        w_hr=None,
+    )
+
+
+def _run_layer_grads(args, lengths, cell, reverse, backend, dy):
+    """(y, h_n, c_n) and the gradients of sum(y * dy) + sum(h_n) + sum(c_n) w.r.t. every tensor in args."""
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
+    full = {**args, **leaves}
+    y, h_n, c_n = run_layer(**full, lengths=lengths, mode=cell, reverse=reverse, backend=backend)
+    outs = [o for o in (y, h_n, c_n) if o is not None]
+    loss = (y * dy).sum() + sum(o.sum() for o in outs[1:])
+    return outs, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_padding_never_leaks(backend, cell, reverse):
+    """The op contract: steps t >= lengths[b] are padding. NaN there, in x or in dy, must not reach y at
+    valid steps, h_n, c_n or any gradient (x padding stays out of the forward; dy padding out of backward)."""
+    dtype = torch.float64 if backends._reason(backend, "cpu", torch.float64, cell) is None else torch.float32
+    _require(backend, cell, dtype)
+    T, lengths = 5, torch.tensor([3, 5, 1, 4])
+    args = {k: v.to(dtype) if v is not None else None for k, v in _layer_args(cell, T, 4, 3, 6).items()}
+    pad = torch.arange(T).unsqueeze(1) >= lengths  # (T, B): True at padded steps
+    dy = torch.randn(T, 4, 6, dtype=dtype)
+    dy_nan = dy.masked_fill(pad.unsqueeze(2), float("nan"))
+    x_nan = args["x"].masked_fill(pad.unsqueeze(2), float("nan"))
+
+    (y, *states), grads = _run_layer_grads(args, lengths, cell, reverse, backend, dy)
+    (y_nan, *states_nan), _ = _run_layer_grads({**args, "x": x_nan}, lengths, cell, reverse, backend, dy)
+    assert torch.equal(y_nan[~pad], y[~pad]), "NaN padding in x changed y at valid steps"
+    for a, b in zip(states_nan, states):
+        assert torch.equal(a, b), "NaN padding in x changed the final state"
+    _, grads_nan = _run_layer_grads(args, lengths, cell, reverse, backend, dy_nan)
+    for name, g in grads.items():
+        assert torch.equal(grads_nan[name], g), f"NaN in dy at padded steps changed d{name}"
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_float16_overflow_like_torch(backend, cell):
+    """Weights and inputs scaled by 300 overflow float16 (max 65504) in the forward of relu RNNs and in
+    most backward passes: overflow (inf or NaN) must happen exactly where torch.nn's does, no NaN appears
+    where torch.nn has none, and no finite value stands where torch.nn overflowed."""
+    _require(backend, cell, torch.float16)
+    fused, ref = make_pair(cell, 3, 5, backend, dtype=torch.float16)
+    with torch.no_grad():
+        for p in (*fused.parameters(), *ref.parameters()):
+            p.mul_(300)
+    x = (random_input(4, 3, 3) * 300).half()
+    got, base = run_model(fused, x.clone().requires_grad_()), run_model(ref, x.clone().requires_grad_())
+    _assert_no_new_nan(got, base)
+    for kind in ("out", "grad"):
+        for i, (a, b) in enumerate(zip(got[kind], base[kind])):
+            assert torch.equal(a.isfinite(), b.isfinite()), f"{kind}[{i}]: overflows differ from torch.nn"
+            both = a.isinf() & b.isinf()
+            assert torch.equal(a[both], b[both]), f"{kind}[{i}]: infinities of opposite signs"
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_float16_in_range(backend, cell):
+    _require(backend, cell, torch.float16)
+    fused, ref = make_pair(cell, 4, 6, backend, num_layers=2)
+    check_oracle(fused, ref, random_input(5, 3, 4), random_hx(cell, 2, 3, 6), dtype=torch.float16)

@@ -1,0 +1,182 @@
+"""The Triton backend on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without
+CUDA), at tiny shapes: every cell, forward and backward, 1-2 layers, both directions, proj_size, packed
+lengths, tiling edge cases. Checked against torch.nn (and the reference backend) with the oracle in
+conftest.py. On a CUDA machine the interpreter is off and these skip; tests/test_triton_gpu.py runs there.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import (CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed,
+                      rel_err)
+from fusedrnn import reference
+from fusedrnn import triton as triton_backend
+
+_REASON = triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}")
+
+
+def _states(bidirectional, layers):
+    return layers * (2 if bidirectional else 1)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles smaller than the tiny test sizes, so that hidden units, reductions and the batch each span
+    several tiles (or programs) with a ragged last one. BLOCK_B < 16 is an interpreter-only setting."""
+    from fusedrnn.triton import common
+
+    monkeypatch.setattr(common, "BLOCK_B", 2)
+    monkeypatch.setattr(common, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(common, "MAX_BLOCK_K", 16)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "T,B,I,H,layers,bidirectional",
+    [
+        (4, 3, 5, 20, 1, False),
+        (1, 1, 3, 7, 2, True),  # T=1, B=1
+        (3, 4, 6, 32, 2, True),  # I != H
+    ],
+)
+def test_matches_torch(cell, T, B, I, H, layers, bidirectional):
+    fused, ref = make_pair(cell, I, H, "triton", num_layers=layers, bidirectional=bidirectional)
+    hx = random_hx(cell, _states(bidirectional, layers), B, H)
+    check_oracle(fused, ref, random_input(T, B, I), hx)
+    assert fused.last_backend == "triton"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tiled(cell, small_tiles):
+    """H=20 over 16-wide tiles, B=3 over two programs of 2 rows, reverse direction included."""
+    fused, ref = make_pair(cell, 5, 20, "triton", bidirectional=True)
+    check_oracle(fused, ref, random_input(3, 3, 5), random_hx(cell, 2, 3, 20))
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_lstm_proj(layers, bidirectional):
+    fused, ref = make_pair("lstm", 5, 9, "triton", num_layers=layers, proj_size=4, bidirectional=bidirectional)
+    hx = random_hx("lstm", _states(bidirectional, layers), 3, 9, proj_size=4)
+    check_oracle(fused, ref, random_input(4, 3, 5), hx)
+
+
+def test_lstm_proj_tiled(small_tiles):
+    fused, ref = make_pair("lstm", 4, 20, "triton", proj_size=18)
+    check_oracle(fused, ref, random_input(3, 3, 4), random_hx("lstm", 1, 3, 20, proj_size=18))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed(cell):
+    fused, ref = make_pair(cell, 3, 6, "triton", num_layers=2, bidirectional=True)
+    packed = random_packed([2, 4, 1, 3], 3)
+    check_oracle(fused, ref, packed, random_hx(cell, 4, 4, 6))
+
+
+def test_packed_lstm_proj():
+    fused, ref = make_pair("lstm", 3, 6, "triton", bidirectional=True, proj_size=2)
+    check_oracle(fused, ref, random_packed([3, 4, 1], 3), random_hx("lstm", 2, 3, 6, proj_size=2))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_no_bias_batch_first_no_hx(cell):
+    fused, ref = make_pair(cell, 4, 7, "triton", bias=False, batch_first=True)
+    check_oracle(fused, ref, random_input(3, 2, 4, batch_first=True), None)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float16_vs_reference(cell):
+    """float16 (bfloat16 does not exist in the interpreter): the reference backend in float16 is the
+    baseline the oracle compares against, since torch.nn has no float16 RNN on the CPU."""
+    fused, _ = make_pair(cell, 5, 12, "triton", bidirectional=True)
+    ref = make_pair(cell, 5, 12, "reference", bidirectional=True)[0]
+    ref.load_state_dict(fused.state_dict())
+    check_oracle(fused, ref, random_input(3, 3, 5), random_hx(cell, 2, 3, 12), dtype=torch.float16)
+
+
+def _layer_args(mode, T, B, I, H, P, reverse):
+    """Random arguments of one backend call (the contract in reference.py), float64, with packed lengths."""
+    G = reference.GATES[mode]
+    lstm = mode == "lstm"
+    return dict(
+        mode=mode, x=torch.randn(T, B, I, dtype=torch.float64), h0=torch.randn(B, P, dtype=torch.float64),
+        c0=torch.randn(B, H, dtype=torch.float64) if lstm else None,
+        w_ih=torch.randn(G * H, I, dtype=torch.float64) / H**0.5, w_hh=torch.randn(G * H, P, dtype=torch.float64) / H**0.5,
+        b_ih=torch.randn(G * H, dtype=torch.float64), b_hh=torch.randn(G * H, dtype=torch.float64),
+        w_hr=torch.randn(P, H, dtype=torch.float64) / H**0.5 if P != H else None,
+        lengths=torch.tensor([T, 1, T - 1][:B]), reverse=reverse,
+    )
+
+
+def _run_layer(backend, args, dtype):
+    """Forward then backward of one layer-direction with fixed random output gradients, all in ``dtype``."""
+    args = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
+    y, h_n, c_n, ws = backend.forward(**args)
+    g = torch.Generator().manual_seed(1)
+    dy, dh_n = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in (y, h_n))
+    dc_n = torch.randn(c_n.shape, generator=g, dtype=torch.float64).to(dtype) if c_n is not None else None
+    grads = backend.backward(**args, y=y, ws=ws, dy=dy, dh_n=dh_n, dc_n=dc_n)
+    return [y, h_n, c_n, ws], list(grads)
+
+
+@pytest.mark.parametrize("mode", CELLS + ("lstm_proj",))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backend_contract(mode, reverse):
+    """One layer-direction through the backend functions themselves, with lengths and nonzero dh_n, dc_n:
+    every output (ws included: the triton ws has the reference's layout) and every gradient meets the
+    oracle against the reference backend in float64, with the reference in float32 as the baseline."""
+    cell, P = ("lstm", 5) if mode == "lstm_proj" else (mode, 9)
+    args = _layer_args(cell, 4, 3, 6, 9, P, reverse)
+    truth = _run_layer(reference, args, torch.float64)
+    base = _run_layer(reference, args, torch.float32)
+    got = _run_layer(triton_backend, args, torch.float32)
+    for kind, factor in ((0, FACTOR["output"]), (1, FACTOR["grad"])):
+        for i, (a, b, t) in enumerate(zip(got[kind], base[kind], truth[kind])):
+            if t is None or t.numel() == 0:
+                assert a is None or a.shape == t.shape
+                continue
+            assert a.shape == t.shape and a.dtype == torch.float32
+            assert rel_err(a, t) <= factor * rel_err(b, t) + FLOOR[torch.float32], f"{kind}[{i}]"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_stays_in_its_sequence(cell):
+    """Holding and masking are selects: a NaN in one sequence reaches no other."""
+    fused, ref = make_pair(cell, 3, 5, "triton", num_layers=2)
+    x = random_input(4, 3, 3)
+    x[1, 1, 0] = float("nan")
+    y = fused(x.float())[0].detach()
+    assert torch.isnan(y[1:, 1]).any()
+    others = [0, 2]
+    truth, base = ref.double()(x)[0][:, others], ref.float()(x.float())[0][:, others]
+    assert rel_err(y[:, others], truth) <= FACTOR["output"] * rel_err(base, truth) + FLOOR[torch.float32]
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    fused = make_pair("gru", 3, 4, "triton", dtype=torch.float64)[0]
+    with pytest.raises(RuntimeError, match="triton.*float64.*not supported"):
+        fused(random_input(2, 2, 3))
+    assert "bfloat16" in triton_backend.unavailable_reason("cpu", torch.bfloat16, "gru")
+    assert "CUDA" in triton_backend.unavailable_reason("mps", torch.float32, "gru")
+
+
+def test_reason_names_the_interpreter(monkeypatch):
+    from fusedrnn.triton import common, lstm
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert common.INTERPRETED == isinstance(lstm.lstm_forward_kernel, InterpretedFunction)
+    monkeypatch.setattr(common, "INTERPRETED", False)
+    assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
+    monkeypatch.setattr(common, "INTERPRETED", True)
+    assert "unset TRITON_INTERPRET" in triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
+
+
+def test_reason_without_triton(monkeypatch):
+    """A missing triton is reported, never raised: the kernels' first import fails as it would."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "fusedrnn.triton.common")
+    monkeypatch.delattr(triton_backend, "common")
+    assert "pip install triton" in triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
+

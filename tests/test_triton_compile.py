@@ -1,0 +1,107 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPU targets, on a machine without a GPU.
+
+The interpreter (tests/test_triton.py) runs the kernels as Python and never meets Triton's GPU compiler;
+this compiles each kernel, with the exact arguments its launcher passes, down to a cubin for sm_90 (and
+sm_80) with triton.compile(ASTSource(...), target=GPUTarget(...)), which catches what only the GPU path
+checks: tl.dot operand shapes and dtypes, layouts, unsupported ops, type errors in untaken branches. It also
+checks that fp16/bf16 and tf32 products reach tensor cores (mma in the PTX) and that exact fp32 does not.
+It does NOT run anything on a GPU: numerical validation on a GPU is tests/test_triton_gpu.py.
+
+The kernels must be built without the interpreter, so the work runs in a subprocess with
+TRITON_INTERPRET=0 (this file run as a script); the test reads its JSON report.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+H = 256  # hidden units: the launchers' GPU tile sizes (the caps), not the tiny test sizes
+# (mode, dtype, proj_size or 0, optional inputs and reverse on, arch, allow_tf32)
+CASES = [
+    *[(mode, dtype, 128 if mode == "lstm" else 0, True, 90, False)
+      for dtype in ("float32", "float16", "bfloat16") for mode in ("lstm", "gru", "rnn_relu")],
+    *[(mode, "float32", 0, False, 90, False) for mode in ("lstm", "rnn_tanh")],
+    ("lstm", "float32", 128, True, 90, True),
+    *[(mode, "bfloat16", 128 if mode == "lstm" else 0, True, 80, False) for mode in ("lstm", "gru", "rnn_relu")],
+]
+_POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64": "*i64"}
+
+
+def _layer_call(mode, dtype, P, full):
+    """Arguments of one backend call (reference.py's contract) at GPU-sized H; values are irrelevant."""
+    import torch
+
+    from fusedrnn.reference import GATES
+
+    T, B, I, G = 2, 3, 5, GATES[mode]
+    P = P or H
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+    lstm = mode == "lstm"
+    return (mode, z(T, B, I), z(B, P), z(B, H) if lstm else None, z(G * H, I), z(G * H, P),
+            z(G * H) if full else None, z(G * H) if full else None, z(P, H) if P != H else None,
+            torch.full((B,), T) if full else None, full)
+
+
+def _compile_case(mode, dtype, P, full, arch, tf32):
+    """Record the launches of one layer's forward and backward and compile each for sm_<arch>."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import fusedrnn.triton as backend
+    from fusedrnn.triton import common
+
+    launches = []
+    common.launch = lambda kernel, x, H, args, **flags: launches.append(
+        (kernel, args, {**common.tuning(x, H), **flags}))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    call = _layer_call(mode, dtype, P, full)
+    y, h_n, c_n, ws = backend.forward(*call)
+    backend.backward(*call, y, ws, torch.zeros_like(y), h_n, c_n)
+    report = []
+    for kernel, args, constexprs in launches:
+        signature = {name: _POINTER_TYPES[str(a.dtype).removeprefix("torch.")] if torch.is_tensor(a) else "i32"
+                     for name, a in zip(kernel.arg_names, args)}
+        signature.update({name: "constexpr" for name in constexprs})
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32))
+        report.append(dict(kernel=kernel.fn.__name__, case=[mode, dtype, P, full, arch, tf32],
+                           precision=constexprs["PRECISION"], mma="mma" in compiled.asm["ptx"],
+                           cubin_bytes=len(compiled.asm["cubin"]), shared=compiled.metadata.shared))
+    return report
+
+
+def _main():
+    print(json.dumps([entry for case in CASES for entry in _compile_case(*case)]))
+
+
+def test_kernels_compile_for_gpu_targets():
+    pytest.importorskip("triton")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report) == 2 * len(CASES)  # a forward and a backward kernel per case
+    for entry in report:
+        mode, dtype, *_ = entry["case"]
+        tensor_cores = dtype != "float32" or entry["precision"] == "tf32"
+        assert entry["mma"] == tensor_cores, entry
+        assert entry["cubin_bytes"] > 0
+
+
+if __name__ == "__main__":
+    _main()

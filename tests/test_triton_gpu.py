@@ -1,0 +1,84 @@
+"""The Triton backend on a CUDA device vs cuDNN (torch.nn on CUDA) vs a float64 reference (conftest's oracle):
+outputs within 2x cuDNN's error, gradients within 3x, never NaN. Awkward shapes (H=123, B=1, T=1, I != H,
+a batch over several programs), large H, proj_size, packed lengths, tf32, and the book's model.
+
+Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here touches CUDA at import.
+"""
+
+import pytest
+import torch
+
+from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed
+
+pytestmark = pytest.mark.gpu
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cuda():
+    from fusedrnn import triton as triton_backend
+
+    reason = triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
+    if reason is not None:
+        pytest.skip(f"triton backend on CUDA: {reason}")
+
+
+@pytest.fixture
+def tf32():
+    """float32 products in tf32 for the test (the kernels follow torch.backends.cuda.matmul.allow_tf32)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _check(cell, x, H, dtype, layers=1, bidirectional=False, proj_size=0):
+    """The oracle for a fused triton model vs torch.nn on CUDA; x: (T, B, I) float64 or a PackedSequence."""
+    packed = isinstance(x, torch.nn.utils.rnn.PackedSequence)
+    I, B = x.data.shape[-1], (int(x.batch_sizes[0]) if packed else x.shape[1])
+    kwargs = {"proj_size": proj_size} if proj_size else {}
+    fused, ref = make_pair(cell, I, H, "triton", num_layers=layers, bidirectional=bidirectional, **kwargs)
+    hx = random_hx(cell, layers * (2 if bidirectional else 1), B, H, proj_size=proj_size)
+    check_oracle(fused, ref, x, hx, dtype=dtype, device="cuda")
+    assert fused.last_backend == "triton"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "T,B,I,H,layers,bidirectional",
+    [
+        (1, 1, 3, 123, 1, False),  # T=1, B=1, H=123
+        (7, 5, 9, 123, 2, True),  # I != H, both directions
+        (6, 40, 17, 64, 1, False),  # three programs, the last one partial
+        (4, 8, 32, 1024, 1, False),  # large H: many tiles per step
+    ],
+)
+def test_matches_cudnn(cell, dtype, T, B, I, H, layers, bidirectional):
+    _check(cell, random_input(T, B, I), H, dtype, layers, bidirectional)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lstm_proj(dtype):
+    _check("lstm", random_input(6, 5, 9), 123, dtype, layers=2, bidirectional=True, proj_size=61)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed(cell, dtype):
+    _check(cell, random_packed([5, 1, 7, 3], 7), 123, dtype, layers=2, bidirectional=True)
+
+
+def test_packed_lstm_proj():
+    _check("lstm", random_packed([4, 6, 1], 7), 64, torch.float32, bidirectional=True, proj_size=20)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tf32(cell, tf32):
+    _check(cell, random_input(8, 16, 28), 256, torch.float32, layers=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_book_model(dtype):
+    """The book's model: LSTM, T=35, B=32, I=28, H=256, 2 layers."""
+    _check("lstm", random_input(35, 32, 28), 256, dtype, layers=2)
