@@ -32,6 +32,13 @@ FLOOR = {  # relative error allowed on top of FACTOR * err(torch.nn)
 }
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+SHAPE_ARGS = "T,B,I,H,layers,bidirectional"
+AWKWARD_SHAPES = [  # (T, B, I, H, layers, bidirectional), shared by the per-backend model tests
+    (5, 3, 4, 6, 1, False),
+    (1, 1, 3, 5, 1, False),  # T=1, B=1
+    (7, 2, 9, 123, 2, True),  # H=123, I != H
+    (4, 5, 6, 6, 3, False),
+]
 TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
 FUSED_CLASSES = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
 

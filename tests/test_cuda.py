@@ -10,7 +10,19 @@ oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run 
 import pytest
 import torch
 
-from conftest import CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
+from conftest import (
+    AWKWARD_SHAPES,
+    CELLS,
+    FACTOR,
+    FLOOR,
+    SHAPE_ARGS,
+    check_oracle,
+    make_pair,
+    random_hx,
+    random_input,
+    random_packed,
+    rel_err,
+)
 from fusedrnn import cuda as cuda_backend
 from fusedrnn import reference
 
@@ -49,14 +61,8 @@ def test_float64_is_refused():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize(
-    "T,B,I,H,layers,bidirectional",
-    [
-        (5, 3, 4, 6, 1, False),
-        (1, 1, 3, 5, 1, False),  # T=1, B=1
-        (7, 2, 9, 123, 2, True),  # H=123, I != H
-        (4, 5, 6, 6, 3, False),
-        (3, 40, 8, 64, 1, True),  # two batch tiles of the kernels
-    ],
+    SHAPE_ARGS,
+    [*AWKWARD_SHAPES, (3, 40, 8, 64, 1, True)],  # two batch tiles of the kernels
 )
 def test_matches_cudnn(monkeypatch, scheme, dtype, cell, T, B, I, H, layers, bidirectional):
     _use_scheme(monkeypatch, scheme)

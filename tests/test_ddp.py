@@ -66,6 +66,10 @@ def _worker(rank, port, batches, checkpoint):
         _train(model, batches, rank, WORLD)
         if rank == 0:
             torch.save(model.state_dict(), checkpoint)
+        # Tear down in order: DDP's reducer while its process group lives, then both ranks leave together
+        # (a worker once hung past its return, in a destructor, when its peer had already gone).
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

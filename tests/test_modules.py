@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedrnn
-from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed
+from conftest import AWKWARD_SHAPES, CELLS, SHAPE_ARGS, check_oracle, make_pair, random_hx, random_input, random_packed
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
 DTYPES = (torch.float64, torch.float32)
@@ -20,14 +20,8 @@ def _states(bidirectional, layers):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize(
-    "T,B,I,H,layers,bidirectional",
-    [
-        (5, 3, 4, 6, 1, False),
-        (1, 1, 3, 5, 1, False),  # T=1, B=1
-        (7, 2, 9, 123, 2, True),  # H=123, I != H
-        (4, 5, 6, 6, 3, False),
-        (3, 2, 5, 8, 3, True),
-    ],
+    SHAPE_ARGS,
+    [*AWKWARD_SHAPES, (3, 2, 5, 8, 3, True)],
 )
 def test_matches_torch(backend, dtype, cell, T, B, I, H, layers, bidirectional):
     fused, ref = make_pair(cell, I, H, backend, num_layers=layers, bidirectional=bidirectional)
