@@ -98,9 +98,9 @@ def _in_compute_dtype(fn, args):
     return tuple(None if r is None else r.to(low) for r in fn(*up))
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    """One layer, one direction: (y, h_n, c_n, ws); shapes in fusedrnn/reference.py."""
-    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
+    """One layer, one direction: (y, h_n, c_n, ws); shapes in fusedrnn/reference.py (ws empty without save)."""
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save)
     return _in_compute_dtype(_module().forward, args)
 
 

@@ -89,9 +89,9 @@ def unavailable_reason(device, dtype, mode):
     return _load()[1]
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
     y, h_n, c_n, ws = _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, SCHEME, POISON)
-    return y, h_n, c_n, ws
+    return y, h_n, c_n, ws if save else ws.new_empty(0)
 
 
 def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):

@@ -8,6 +8,8 @@ op's backward is the backend's hand-written BPTT. The argument contract is in ``
 Custom ops cannot return None, so absent tensors (c for non-LSTM cells, the gradients of missing biases or
 projections) cross the op boundary as empty tensors and are turned back into None on each side.
 What autograd saves: the op's inputs, y and the backend's workspace ws (y doubles as the h sequence).
+Where no gradient can follow (grad mode off, or nothing requires grad) ``run_layer`` asks for no ws
+(``save=False``): the backend then skips writing it, which is most of inference's memory traffic.
 ``layer_backward`` is differentiable too (double backward, on every device): by autograd through the
 reference BPTT, which it recomputes from the saved inputs. Autocast is registered on ``layer_forward`` for
 CPU and CUDA, matching torch.nn's output dtypes (see the autocast section).
@@ -47,20 +49,21 @@ def layer_forward(
     mode: str,
     reverse: bool,
     backend: str,
+    save: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer, one direction, whole sequence. Returns (y, h_n, c_n or empty, ws)."""
+    """One layer, one direction, whole sequence. Returns (y, h_n, c_n or empty, ws; ws empty without save)."""
     y, h_n, c_n, ws = backends.get(backend).forward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save
     )
     return y, h_n, _empty_like_none(c_n, x), ws
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):
+def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend, save=True):
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // GATES[mode], h0.shape[1]
     c_n = x.new_empty(B, H) if mode == "lstm" else x.new_empty(0)
-    ws = x.new_empty(backends.get(backend).workspace_shape(mode, T, B, H, P))
+    ws = x.new_empty(backends.get(backend).workspace_shape(mode, T, B, H, P) if save else (0,))
     return x.new_empty(T, B, P), x.new_empty(B, P), c_n, ws
 
 
@@ -100,15 +103,18 @@ def _layer_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, lengths, mode, reverse, backend = inputs
+    *tensors, lengths, mode, reverse, backend, save = inputs
     y, _, _, ws = output
     ctx.save_for_backward(*tensors, lengths, y, ws)
     ctx.config = (mode, reverse, backend)
+    ctx.saved_ws = save
     ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for ws, a (T, B, .) buffer
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dws):
     mode, reverse, backend = ctx.config
+    if not ctx.saved_ws:
+        raise RuntimeError("fusedrnn::layer_forward ran with save=False, so it kept nothing to differentiate")
     saved = ctx.saved_tensors
     y, h0, c0 = saved[9], saved[1], saved[2]
     dy = torch.zeros_like(y) if dy is None else dy
@@ -117,7 +123,7 @@ def _backward(ctx, dy, dh_n, dc_n, _dws):
     grads = layer_backward(*saved[:9], saved[9], saved[10], dy, dh_n, dc_n if mode == "lstm" else None,
                            mode, reverse, backend)
     grads = [_none_if_empty(g) if i in _OPTIONAL_GRADS else g for i, g in enumerate(grads)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 _PRIMALS = range(8)  # layer_backward's x .. w_hr
@@ -187,11 +193,11 @@ def compute_dtype(x):
 
 
 def _autocast_kernel(device_type):
-    def kernel(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):
+    def kernel(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend, save=True):
         low = torch.get_autocast_dtype(device_type)
         tensors = [t.to(low) if _autocasts(t, device_type) else t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
         with torch.autocast(device_type, enabled=False):
-            y, h_n, c_n, ws = layer_forward(*tensors, lengths, mode, reverse, backend)
+            y, h_n, c_n, ws = layer_forward(*tensors, lengths, mode, reverse, backend, save)
         if device_type == "cpu" and mode == "gru":
             state = torch.promote_types(low, h0.dtype)
             y, h_n = y.to(state), h_n.to(state)
@@ -208,5 +214,7 @@ for _device_type in _AUTOCAST_DEVICES:
 
 def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):
     """Differentiable (y, h_n, c_n or None) for one layer-direction; see the contract in reference.py."""
-    y, h_n, c_n, _ = layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend)
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, h_n, c_n, _ = layer_forward(*tensors, lengths, mode, reverse, backend, save)
     return y, h_n, (c_n if mode == "lstm" else None)

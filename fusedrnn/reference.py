@@ -18,7 +18,7 @@ backward ignores dy there. Holding (a select, never a multiply) keeps NaN/Inf of
 
 Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module exposes these three):
 
-  forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse) -> (y, h_n, c_n, ws)
+  forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True) -> (y, h_n, c_n, ws)
   backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n)
       -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
   workspace_shape(mode, T, B, H, P) -> shape of ws (its dtype is x's)
@@ -29,7 +29,8 @@ Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module e
   lengths: (B,) int64 on x's device, or None (every sequence has T steps)
   reverse: run t = T-1 .. 0
   y: (T, B, P)   h_n: (B, P)   c_n: (B, H) or None
-  ws: backend-private activations saved for ITS backward; opaque to everyone else.
+  ws: backend-private activations saved for ITS backward; opaque to everyone else. save=False says no
+      backward follows (inference): ws is then an empty (0,) tensor and need not be computed.
   dy: (T, B, P)  dh_n: (B, P)  dc_n: (B, H) or None; every gradient has its tensor's shape, None where
   the tensor is None.
 Outputs are fresh tensors: none aliases an input or another output (torch.library's rule).
@@ -104,12 +105,12 @@ def _hold(valid, new, old):
     return new if valid is None else torch.where(valid, new, old)
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     gx = _input_projection(x, w_ih, b_ih)
     y = x.new_empty(T, B, h0.shape[1])
-    ws = x.new_empty(workspace_shape(mode, T, B, H, h0.shape[1]))
+    ws = x.new_empty(workspace_shape(mode, T, B, H, h0.shape[1]) if save else (0,))
     h, c = h0, c0
     for t in _time_order(T, reverse):
         gh = _hidden_projection(h, w_hh, b_hh)
@@ -118,12 +119,12 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
             h_new, c_new, act = _lstm_step(gx[t], gh, c, w_hr)
             c = _hold(valid, c_new, c)
             act[:, 4 * H :] = c
-            ws[t] = act
         elif mode == "gru":
             h_new, act = _gru_step(gx[t], gh, h)
-            ws[t] = act
         else:
             h_new = _rnn_step(mode, gx[t], gh)
+        if save and mode in ("lstm", "gru"):
+            ws[t] = act
         h = _hold(valid, h_new, h)
         y[t] = h
     c_n = c.clone() if mode == "lstm" else None
@@ -211,7 +212,7 @@ def _flat(t):
     return t.reshape(-1, t.shape[-1])
 
 
-_BLOCK_ROWS = 1024
+_BLOCK_ROWS = 2048  # rows per float32 GEMM: one block for the book model (T*B = 1,120); csrc/cpu keeps the same
 
 
 def _sum_of_outer(a, b):

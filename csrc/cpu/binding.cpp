@@ -20,8 +20,9 @@ Layer layer(const at::Tensor& x, const at::Tensor& h0, const Opt& c0, const at::
 
 ForwardOut forward(const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const Opt& c0,
                    const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& w_hr,
-                   const Opt& lengths, bool reverse) {
-  const Layer l = layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+                   const Opt& lengths, bool reverse, bool save) {
+  Layer l = layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+  l.save = save;
   if (mode == "lstm") return lstm_forward(l);
   if (mode == "gru") return gru_forward(l);
   TORCH_CHECK(mode == "rnn_tanh" || mode == "rnn_relu", "fusedrnn._cpp: unknown mode ", mode);
@@ -45,8 +46,8 @@ BackwardOut backward(const std::string& mode, const at::Tensor& x, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedrnn CPU kernels: one layer, one direction, whole sequence (see fusedrnn/reference.py)";
-  m.def("forward", &fusedrnn::forward, "(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse) -> "
-        "(y, h_n, c_n, ws)");
+  m.def("forward", &fusedrnn::forward, "(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save) -> "
+        "(y, h_n, c_n, ws); ws is empty without save");
   m.def("backward", &fusedrnn::backward, "(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, "
         "dy, dh_n, dc_n) -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)");
 }

@@ -1,5 +1,5 @@
 // GRU cell rows for the layer driver (recurrence.h). Gate rows r, z, n; per unit j, with
-// a = x W_ih^T + b_ih (gx) and bh = h W_hh^T + b_hh (gh + b_hh):
+// a = x W_ih^T + b_ih (gx + b_ih) and bh = h W_hh^T + b_hh (gh + b_hh):
 //   forward:  r = s(a_r + bh_r);  z = s(a_z + bh_z);  n = tanh(a_n + r bh_n);  h' = n + z (h - n)
 //             ws row = [r, z, n, bh_n], each H wide.
 //   backward: dn = dh (1-z)(1-n^2), dz = dh (h - n) z(1-z), dr = dn bh_n r(1-r);
@@ -17,14 +17,15 @@ struct GruCell {
   template <class T>
   FUSEDRNN_TARGETS static void forward_row(const ForwardRow<T>& r, int64_t n) {
     const int64_t H = r.H, L = r.ldg;
-    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict b = r.bias, *__restrict h_prev = r.h_prev;
+    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict bx = r.bias_x, *__restrict b = r.bias;
+    const T* __restrict h_prev = r.h_prev;
     T *__restrict ws = r.ws, *__restrict h = r.h;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const T rr = sigmoid(gx[j] + gh[j] + b[j]);
-      const T z = sigmoid(gx[H + j] + gh[L + j] + b[H + j]);
+      const T rr = sigmoid(gx[j] + bx[j] + gh[j] + b[j]);
+      const T z = sigmoid(gx[H + j] + bx[H + j] + gh[L + j] + b[H + j]);
       const T bn = gh[2 * L + j] + b[2 * H + j];
-      const T nn = tanh_(gx[2 * H + j] + rr * bn);
+      const T nn = tanh_(gx[2 * H + j] + bx[2 * H + j] + rr * bn);
       ws[j] = rr;
       ws[H + j] = z;
       ws[2 * H + j] = nn;

@@ -1,5 +1,5 @@
 // LSTM cell rows for the layer driver (recurrence.h). Gate rows i, f, g, o; per unit j:
-//   forward:  i, f, o = s(gx + gh + b_hh);  g = tanh(gx + gh + b_hh);  c' = f c + i g;  h' = o tanh(c')
+//   forward:  i, f, o = s(gx + b_ih + gh + b_hh);  g = tanh(gx + b_ih + gh + b_hh);  c' = f c + i g;  h' = o tanh(c')
 //             ws row = [i, f, g, o, c'] each H wide.
 //   backward: with tc = tanh(c'), dh = dL/dh' (+ dy), dc = dL/dc' + dh o (1 - tc^2):
 //             di = dc g i(1-i), df = dc c f(1-f), dg = dc i (1-g^2), do = dh tc o(1-o);  dL/dc = dc f.
@@ -19,14 +19,15 @@ struct LstmCell {
   template <class T>
   FUSEDRNN_TARGETS static void forward_row(const ForwardRow<T>& r, int64_t n) {
     const int64_t H = r.H, L = r.ldg;
-    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict b = r.bias, *__restrict c_prev = r.c_prev;
+    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict bx = r.bias_x, *__restrict b = r.bias;
+    const T* __restrict c_prev = r.c_prev;
     T *__restrict ws = r.ws, *__restrict h = r.h;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const T i = sigmoid(gx[j] + gh[j] + b[j]);
-      const T f = sigmoid(gx[H + j] + gh[L + j] + b[H + j]);
-      const T g = tanh_(gx[2 * H + j] + gh[2 * L + j] + b[2 * H + j]);
-      const T o = sigmoid(gx[3 * H + j] + gh[3 * L + j] + b[3 * H + j]);
+      const T i = sigmoid(gx[j] + bx[j] + gh[j] + b[j]);
+      const T f = sigmoid(gx[H + j] + bx[H + j] + gh[L + j] + b[H + j]);
+      const T g = tanh_(gx[2 * H + j] + bx[2 * H + j] + gh[2 * L + j] + b[2 * H + j]);
+      const T o = sigmoid(gx[3 * H + j] + bx[3 * H + j] + gh[3 * L + j] + b[3 * H + j]);
       const T c = f * c_prev[j] + i * g;
       ws[j] = i;
       ws[H + j] = f;

@@ -1,13 +1,13 @@
 // The layer driver every cell shares: one call runs one layer in one direction over the whole sequence,
 // forward or BPTT, with no Python and no ATen dispatch per step (contract: fusedrnn/reference.py).
 //
-// Forward:  gx = x W_ih^T + b_ih for all T steps as one GEMM (ATen/MKL); then per step
+// Forward:  gx = x W_ih^T for all T steps as one GEMM (ATen/MKL); then per step
 //           gates = h_{t-1} W_hh^T (gemm.h, packed weights) and ONE fused pass of the cell's
 //           nonlinearities and state update (Cell::forward_row) writing h_t into y[t] and the
 //           activations into ws[t]; with proj_size, y[t] = (o * tanh(c_t)) W_hr^T.
 // Backward: per step in reverse time ONE fused pass for the gate gradients (Cell::backward_row) and
 //           dh_{t-1} = dG_t W_hh + direct term; then dx, dW_ih, dW_hh, dW_hr and the bias gradients as
-//           GEMMs over all T*B rows (ATen/MKL; float32 weight gradients in blocks of <= 1024 rows summed in
+//           GEMMs over all T*B rows (ATen/MKL; float32 weight gradients in blocks of <= 2048 rows summed in
 //           float64, as reference.py).
 //
 // Threading: one OpenMP team lives for the whole sequence. Worker k owns a slice of the hidden units
@@ -32,14 +32,16 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "scratch.h"
 
 namespace fusedrnn {
 
 // One (t, b) row of a cell's forward pass (only rows with a step t); pointers offset to unit j0.
 template <class T>
 struct ForwardRow {
-  const T* gx;      // x_t W_ih^T + b_ih: gate k of unit j at gx[k * H + j]
+  const T* gx;      // x_t W_ih^T: gate k of unit j at gx[k * H + j]
   const T* gh;      // h_{t-1} W_hh^T: gh[k * ldg + j]
+  const T* bias_x;  // b_ih (zeros when absent): bias_x[k * H + j]; added here, not by the GEMM (a T*B x G*H copy)
   const T* bias;    // b_hh (zeros when absent): bias[k * H + j]
   const T* h_prev;  // h_{t-1}
   const T* c_prev;  // lstm: c_{t-1}
@@ -68,6 +70,7 @@ struct BackwardRow {
 struct Layer {
   at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths;
   bool reverse;
+  bool save = true;  // forward: keep ws for a backward; without it ws is (0) and only two steps of it are kept
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor>;
@@ -108,30 +111,35 @@ ForwardOut forward_layer(const Layer& l) {
   const int64_t steps = l.x.size(0), B = l.x.size(1), I = l.x.size(2);
   const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
   const bool proj = l.w_hr.defined();
+  const auto options = l.x.options();
   const at::Tensor x_flat = l.x.reshape({steps * B, I});
-  const at::Tensor gx = l.b_ih.defined() ? at::addmm(l.b_ih, x_flat, l.w_ih.t()) : at::mm(x_flat, l.w_ih.t());
-  const at::Tensor bias = l.b_hh.defined() ? l.b_hh : at::zeros({GH}, l.x.options());
-  at::Tensor y = at::empty({steps, B, P}, l.x.options());
-  at::Tensor ws = at::empty({steps, B, WS * H}, l.x.options());
+  at::Tensor gx = scratch(Slot::kSequence, {steps * B, GH}, options);
+  at::mm_out(gx, x_flat, l.w_ih.t());
+  const at::Tensor zeros = l.b_hh.defined() ? at::Tensor() : at::zeros({GH}, options);
+  const at::Tensor bias_x = l.b_ih.defined() ? l.b_ih : zeros, bias = l.b_hh.defined() ? l.b_hh : zeros;
+  at::Tensor y = at::empty({steps, B, P}, options);
+  // Without save, step s's activations go to slot s % 2 of a two-step ring (the LSTM reads c_{t-1} there).
+  at::Tensor ws = l.save ? at::empty({steps, B, WS * H}, options) : scratch(Slot::kState, {2, B, WS * H}, options);
   const Split<T> split(H, P);
   const int64_t Hpad = split.unit_panels * NR;
-  at::Tensor gates = at::empty({B, G * Hpad}, l.x.options());  // gates[b][k * Hpad + j] = (h W_hh^T)[b][k*H+j]
-  at::Tensor w_pack = at::empty({split.unit_panels * G * P * NR}, l.x.options());
-  at::Tensor r_pack = proj ? at::empty({split.col_panels * H * NR}, l.x.options()) : at::Tensor();
-  at::Tensor htilde = proj ? at::empty({B, H}, l.x.options()) : at::Tensor();
+  at::Tensor gates = scratch(Slot::kGates, {B, G * Hpad}, options);  // gates[b][k * Hpad + j] = (h W_hh^T)[b][k*H+j]
+  at::Tensor w_pack = scratch(Slot::kPack, {split.unit_panels * G * P * NR}, options);
+  at::Tensor r_pack = proj ? scratch(Slot::kPackProj, {split.col_panels * H * NR}, options) : at::Tensor();
+  at::Tensor htilde = proj ? scratch(Slot::kProjOut, {B, H}, options) : at::Tensor();
 
-  const T *gx_p = gx.data_ptr<T>(), *bias_p = bias.data_ptr<T>(), *w_hh = l.w_hh.data_ptr<T>();
+  const T *gx_p = gx.data_ptr<T>(), *bias_x_p = bias_x.data_ptr<T>(), *bias_p = bias.data_ptr<T>();
+  const T* w_hh = l.w_hh.data_ptr<T>();
   const T *h0 = l.h0.data_ptr<T>(), *c0 = ptr_or_null<T>(l.c0), *w_hr = ptr_or_null<T>(l.w_hr);
   const int64_t* lengths = ptr_or_null<int64_t>(l.lengths);
   T *y_p = y.data_ptr<T>(), *ws_p = ws.data_ptr<T>(), *gates_p = gates.data_ptr<T>();
   T *wp = w_pack.data_ptr<T>(), *rp = ptr_or_null<T>(r_pack), *ht = ptr_or_null<T>(htilde);
   const TimeOrder order{steps, l.reverse};
+  auto ws_step = [&](int64_t s) { return ws_p + (l.save ? order.at(s) : s % 2) * B * WS * H; };
 
 #pragma omp parallel num_threads(split.team)
   {
     const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
     const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
-    const int64_t j0 = uq.begin * NR, j1 = std::min(uq.end * NR, H);
     for (int64_t q = uq.begin; q < uq.end; ++q)
       for (int64_t k = 0; k < G; ++k)
         pack_panel(w_hh, P, true, P, k * H + q * NR, std::min(NR, H - q * NR), wp + (q * G + k) * P * NR);
@@ -142,23 +150,26 @@ ForwardOut forward_layer(const Layer& l) {
       const int64_t t = order.at(s), prev = order.at(s - 1);
       const T* h_prev = s == 0 ? h0 : y_p + prev * B * P;
       T* y_t = y_p + t * B * P;
-      for (int64_t q = uq.begin; q < uq.end; ++q)
+      // Panel by panel: a unit block's gates are still in L1 when its cell rows read them.
+      for (int64_t q = uq.begin; q < uq.end; ++q) {
         for (int64_t k = 0; k < G; ++k)
           gemm_panel(B, P, h_prev, P, wp + (q * G + k) * P * NR, gates_p + k * Hpad + q * NR, G * Hpad, NR, false);
-      for (int64_t b = 0; b < B && j1 > j0; ++b) {
-        const T* c_prev = G != 4 ? nullptr : (s == 0 ? c0 + b * H : ws_p + (prev * B + b) * WS * H + 4 * H);
-        T* ws_row = ws_p + (t * B + b) * WS * H;
-        T* h_out = proj ? ht + b * H : y_t + b * P;
-        if (!has_step(lengths, b, t)) {  // held: h_t = h_{t-1}, c_t = c_{t-1}; no activations to save
-          for (int64_t k = 0; k < WS; ++k) std::fill(ws_row + k * H + j0, ws_row + k * H + j1, T(0));
-          if (c_prev) std::copy(c_prev + j0, c_prev + j1, ws_row + 4 * H + j0);
-          if (proj) std::fill(h_out + j0, h_out + j1, T(0));  // y's row is restored after W_hr
-          else std::copy(h_prev + b * P + j0, h_prev + b * P + j1, h_out + j0);
-          continue;
+        const int64_t u0 = q * NR, u1 = std::min(u0 + NR, H);
+        for (int64_t b = 0; b < B; ++b) {
+          const T* c_prev = G != 4 ? nullptr : (s == 0 ? c0 + b * H : ws_step(s - 1) + b * WS * H + 4 * H);
+          T* ws_row = ws_step(s) + b * WS * H;
+          T* h_out = proj ? ht + b * H : y_t + b * P;
+          if (!has_step(lengths, b, t)) {  // held: h_t = h_{t-1}, c_t = c_{t-1}; no activations to save
+            for (int64_t k = 0; k < WS; ++k) std::fill(ws_row + k * H + u0, ws_row + k * H + u1, T(0));
+            if (c_prev) std::copy(c_prev + u0, c_prev + u1, ws_row + 4 * H + u0);
+            if (proj) std::fill(h_out + u0, h_out + u1, T(0));  // y's row is restored after W_hr
+            else std::copy(h_prev + b * P + u0, h_prev + b * P + u1, h_out + u0);
+            continue;
+          }
+          ForwardRow<T> row{gx_p + (t * B + b) * GH + u0, gates_p + b * G * Hpad + u0, bias_x_p + u0, bias_p + u0,
+                            h_prev + b * P + u0, c_prev ? c_prev + u0 : nullptr, ws_row + u0, h_out + u0, H, Hpad};
+          Cell::forward_row(row, u1 - u0);
         }
-        ForwardRow<T> row{gx_p + (t * B + b) * GH + j0, gates_p + b * G * Hpad + j0, bias_p + j0,
-                          h_prev + b * P + j0, c_prev ? c_prev + j0 : nullptr, ws_row + j0, h_out + j0, H, Hpad};
-        Cell::forward_row(row, j1 - j0);
       }
       if (proj) {
 #pragma omp barrier
@@ -173,12 +184,12 @@ ForwardOut forward_layer(const Layer& l) {
     }
   }
   const int64_t last = order.at(steps - 1);
-  at::Tensor c_n = G == 4 ? ws[last].narrow(1, 4 * H, H).clone() : at::Tensor();
-  return {y, y[last].clone(), maybe(c_n), ws};
+  at::Tensor c_n = G == 4 ? ws[l.save ? last : (steps - 1) % 2].narrow(1, 4 * H, H).clone() : at::Tensor();
+  return {y, y[last].clone(), maybe(c_n), l.save ? ws : at::empty({0}, options)};
 }
 
 // Rows per GEMM of a float32 weight gradient, at most (reference.py's _BLOCK_ROWS).
-constexpr int64_t kBlockRows = 1024;
+constexpr int64_t kBlockRows = 2048;
 
 // The float64 sum of float32 block sums (M, N), rounded to float32 once. While it holds one block that block
 // stays as it is; a second one is added in float32 only at the end when no third comes: the correctly rounded
@@ -287,17 +298,18 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
   const int64_t steps = l.x.size(0), B = l.x.size(1), I = l.x.size(2);
   const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
   const bool proj = l.w_hr.defined();
-  at::Tensor dgx = at::empty({steps, B, GH}, l.x.options());
-  at::Tensor dgh = Cell::kSplitHidden ? at::empty({steps, B, GH}, l.x.options()) : dgx;
+  const auto options = l.x.options();
+  at::Tensor dgx = scratch(Slot::kSequence, {steps, B, GH}, options);
+  at::Tensor dgh = Cell::kSplitHidden ? scratch(Slot::kSequence2, {steps, B, GH}, options) : dgx;
   at::Tensor dh = dh_n.clone(at::MemoryFormat::Contiguous);  // carried dL/dh, ends as dh0
   at::Tensor dc = G == 4 ? dc_n.clone(at::MemoryFormat::Contiguous) : at::Tensor();
-  at::Tensor dhy = proj ? at::empty({steps, B, P}, l.x.options()) : at::Tensor();  // dL/dh_t, for dW_hr
-  at::Tensor htilde = proj ? at::empty({steps, B, H}, l.x.options()) : at::Tensor();
-  at::Tensor dhh = proj ? at::empty({B, H}, l.x.options()) : at::Tensor();  // dL/d(o * tanh c_t)
-  at::Tensor zeros = at::zeros({H}, l.x.options());
+  at::Tensor dhy = proj ? scratch(Slot::kGradOut, {steps, B, P}, options) : at::Tensor();  // dL/dh_t, for dW_hr
+  at::Tensor htilde = proj ? scratch(Slot::kProjOut, {steps, B, H}, options) : at::Tensor();
+  at::Tensor dhh = proj ? scratch(Slot::kState, {B, H}, options) : at::Tensor();  // dL/d(o * tanh c_t)
+  at::Tensor zeros = at::zeros({H}, options);
   const Split<T> split(H, P);
-  at::Tensor w_pack = at::empty({split.col_panels * GH * NR}, l.x.options());
-  at::Tensor r_pack = proj ? at::empty({split.unit_panels * P * NR}, l.x.options()) : at::Tensor();
+  at::Tensor w_pack = scratch(Slot::kPack, {split.col_panels * GH * NR}, options);
+  at::Tensor r_pack = proj ? scratch(Slot::kPackProj, {split.unit_panels * P * NR}, options) : at::Tensor();
 
   const T *w_hh = l.w_hh.data_ptr<T>(), *w_hr = ptr_or_null<T>(l.w_hr), *h0 = l.h0.data_ptr<T>();
   const T *c0 = ptr_or_null<T>(l.c0), *y_p = y.data_ptr<T>(), *ws_p = ws.data_ptr<T>(), *dy_p = dy.data_ptr<T>();

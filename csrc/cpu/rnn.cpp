@@ -1,5 +1,5 @@
 // Elman RNN cell rows for the layer driver (recurrence.h), tanh or relu:
-//   forward:  h' = act(gx + gh + b_hh)      (no workspace: act' follows from h')
+//   forward:  h' = act(gx + b_ih + gh + b_hh)      (no workspace: act' follows from h')
 //   backward: dpre = dh (1 - h'^2) for tanh, (h' <= 0 ? 0 : dh) for relu; no direct dL/dh_{t-1} term.
 // relu is written so that NaN propagates as in torch: relu(NaN) = NaN, and a NaN h' passes dh on
 // (torch's threshold_backward, reference.py's _rnn_gate_grads).
@@ -15,11 +15,11 @@ struct RnnCell {
 
   template <class T>
   FUSEDRNN_TARGETS static void forward_row(const ForwardRow<T>& r, int64_t n) {
-    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict b = r.bias;
+    const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict bx = r.bias_x, *__restrict b = r.bias;
     T* __restrict h = r.h;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const T pre = gx[j] + gh[j] + b[j];
+      const T pre = gx[j] + bx[j] + gh[j] + b[j];
       h[j] = Relu ? (pre < T(0) ? T(0) : pre) : tanh_(pre);
     }
   }

@@ -29,8 +29,9 @@ def _kernels(mode):
     return importlib.import_module(f".{_KERNEL_MODULES[mode]}", __name__)
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    return _kernels(mode).forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
+    y, h_n, c_n, ws = _kernels(mode).forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    return y, h_n, c_n, ws if save else ws.new_empty(0)
 
 
 def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
