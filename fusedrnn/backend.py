@@ -64,7 +64,15 @@ def requested(module_choice):
     return check_name(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (about 1.2 s, and triton)
+    at ``import fusedrnn``: that decorator only sets this marker, which Dynamo reads when it traces a call.
+    tests/test_compile.py checks that the marker is still the one torch sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def choose(module_choice, device_type, dtype, mode):
     """``resolve(requested(module_choice), ...)``. Under torch.compile it runs once, at trace time, and its
     result is a constant of the graph (environment reads, imports and warnings stay out of the trace); the

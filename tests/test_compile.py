@@ -104,3 +104,28 @@ def test_named_backend_that_cannot_run_raises_under_compile():
     model = fusedrnn.GRU(3, 4, backend="cuda")  # the inputs are on the CPU
     with compile_support(), pytest.raises(RuntimeError, match="backend 'cuda' cannot run gru"):
         torch.compile(model, fullgraph=True, backend="eager")(torch.randn(4, 2, 3))
+
+
+def test_backend_choice_carries_torchs_constant_marker():
+    """backend.choose is marked constant for Dynamo without importing it; the marker must be exactly what
+    torch.compiler.assume_constant_result sets, else tracing would inline the chooser (env reads, warnings)."""
+    from fusedrnn import backend
+
+    def probe():
+        return 0
+
+    before = set(vars(probe))
+    marked = torch.compiler.assume_constant_result(probe)
+    markers = {name: vars(marked)[name] for name in set(vars(marked)) - before}
+    assert markers, "torch.compiler.assume_constant_result no longer marks the function itself"
+    assert {name: getattr(backend.choose, name, None) for name in markers} == markers
+
+
+def test_import_does_not_load_dynamo():
+    """import fusedrnn costs what import torch costs: torch._dynamo (and triton) load only when compiling."""
+    import subprocess
+    import sys
+
+    code = "import sys, fusedrnn; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
