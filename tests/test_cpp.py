@@ -106,6 +106,17 @@ def test_outputs_are_fresh_tensors(mode):
     assert not set(pointers) & {t.untyped_storage().data_ptr() for t in inputs}, "a result aliases an input"
 
 
+def test_saved_activations_come_from_a_pool():
+    """ws outlives the call, so it is pooled, not scratch: two live ones never share memory, and a freed one is
+    what the next call of its size gets (no fresh, page-faulting memory per training step)."""
+    args = layer_args("gru", 5, 3, 4, 6)
+    first, second = cpp.forward(*args)[3], cpp.forward(*args)[3]
+    assert first.data_ptr() != second.data_ptr()
+    address = first.data_ptr()
+    del first
+    assert cpp.forward(*args)[3].data_ptr() == address
+
+
 def test_thread_count_does_not_change_results():
     args = layer_args("lstm", 6, 9, 5, 100, lengths=[6, 2, 5, 1, 6, 3, 4, 6, 2], reverse=True)
     before = torch.get_num_threads()

@@ -121,7 +121,7 @@ ForwardOut forward_layer(const Layer& l) {
   const at::Tensor bias_x = l.b_ih.defined() ? l.b_ih : zeros, bias = l.b_hh.defined() ? l.b_hh : zeros;
   at::Tensor y = at::empty({steps, B, P}, options);
   // Without save, step s's activations go to slot s % 2 of a two-step ring (the LSTM reads c_{t-1} there).
-  at::Tensor ws = l.save ? at::empty({steps, B, WS * H}, options) : scratch(Slot::kState, {2, B, WS * H}, options);
+  at::Tensor ws = l.save ? saved_empty({steps, B, WS * H}, options) : scratch(Slot::kState, {2, B, WS * H}, options);
   const Split<T> split(H, P);
   const int64_t Hpad = split.unit_panels * NR;
   at::Tensor gates = scratch(Slot::kGates, {B, G * Hpad}, options);  // gates[b][k * Hpad + j] = (h W_hh^T)[b][k*H+j]
