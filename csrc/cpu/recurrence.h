@@ -109,7 +109,7 @@ inline bool has_step(const int64_t* lengths, int64_t b, int64_t t) { return !len
 
 // Whether the forward runs its input projection inside the step loop: each worker multiplies x_t by its own
 // units' W_ih panels next to the recurrent product, so no (T*B, G*H) projection goes through memory and the
-// cell rows find it in cache. The panels are re-read every step, which pays while one worker's W_ih and W_hh
+// cell rows find it in cache; BPTT likewise computes dx_t = dG_t W_ih right after dh_{t-1}, while dG_t is hot. The panels are re-read every step, which pays while one worker's W_ih and W_hh
 // panels stay in (or near) its L2 and the batch gives every read enough work; otherwise one GEMM over all
 // T*B rows runs first. Measured (2-core EPYC, 1 MiB L2 per core, LSTM T=35, inference, 2 threads):
 // B=32 I=H=256 7.02 -> 6.38 ms, B=4 1.42 -> 1.09, B=8 1.76 -> 1.68, B=16 I=H=512 13.8 -> 12.6; worse at
@@ -133,7 +133,7 @@ ForwardOut forward_layer(const Layer& l) {
   // gx rows have G*H columns: this step's B rows (per_step; each worker fills its own columns) or all T*B.
   at::Tensor gx = scratch(Slot::kSequence, {per_step ? B : steps * B, GH}, options);
   if (!per_step) at::mm_out(gx, l.x.reshape({steps * B, I}), l.w_ih.t());
-  at::Tensor x_pack = per_step ? scratch(Slot::kSequence2, {split.unit_panels * G * I * NR}, options) : at::Tensor();
+  at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {split.unit_panels * G * I * NR}, options) : at::Tensor();
   const at::Tensor zeros = l.b_hh.defined() ? at::Tensor() : at::zeros({GH}, options);
   const at::Tensor bias_x = l.b_ih.defined() ? l.b_ih : zeros, bias = l.b_hh.defined() ? l.b_hh : zeros;
   at::Tensor y = at::empty({steps, B, P}, options);
@@ -319,16 +319,16 @@ at::Tensor input_grad(const at::Tensor& dg, const at::Tensor& w_ih) {
   return dx;
 }
 
-// Everything that is not sequential, as GEMMs over all T*B rows (weight gradients: sum_of_outer).
-// dgx, dgh: (T, B, G*H); the step before t used h_{t-1} = y[t -/+ 1], or h0 at the first step, so
+// Everything that is not sequential, as GEMMs over all T*B rows (weight gradients: sum_of_outer); dx too
+// unless the BPTT loop already made it (dx_in defined). dgx, dgh: (T, B, G*H); the step before t used h_{t-1} = y[t -/+ 1], or h0 at the first step, so
 // dW_hh sums two parts (no shifted copy of y).
 template <class Cell, class T>
-BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& dgx, const at::Tensor& dgh,
-                         const at::Tensor& dhy, const at::Tensor& htilde, const at::Tensor& dh0,
-                         const at::Tensor& dc0) {
+BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& dx_in, const at::Tensor& dgx,
+                         const at::Tensor& dgh, const at::Tensor& dhy, const at::Tensor& htilde,
+                         const at::Tensor& dh0, const at::Tensor& dc0) {
   const int64_t steps = l.x.size(0), B = l.x.size(1), GH = dgx.size(2), P = y.size(2);
   const at::Tensor dgx_flat = dgx.view({-1, GH});
-  const at::Tensor dx = input_grad<T>(dgx_flat, l.w_ih).view_as(l.x);
+  const at::Tensor dx = dx_in.defined() ? dx_in : input_grad<T>(dgx_flat, l.w_ih).view_as(l.x);
   const at::Tensor dw_ih = sum_of_outer({{dgx_flat, l.x.reshape({-1, l.x.size(2)})}});
   const int64_t first = l.reverse ? steps - 1 : 0;
   const int64_t later = (steps - 1) * B;  // rows of the steps after the first
@@ -349,10 +349,14 @@ template <class Cell, class T>
 BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
                            const at::Tensor& dh_n, const at::Tensor& dc_n) {
   constexpr int64_t NR = kPanel<T>, G = Cell::G, WS = Cell::WS;
-  const int64_t steps = l.x.size(0), B = l.x.size(1);
-  const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
+  const int64_t steps = l.x.size(0), B = l.x.size(1), I = l.x.size(2);
+  const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1), in_panels = ceil_div(I, NR);
   const bool proj = l.w_hr.defined();
   const auto options = l.x.options();
+  const Split<T> split(H, P);
+  const bool per_step = project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
+  at::Tensor dx = per_step ? at::empty({steps, B, I}, options) : at::Tensor();  // else after the loop
+  at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {in_panels * GH * NR}, options) : at::Tensor();
   at::Tensor dgx = scratch(Slot::kSequence, {steps, B, GH}, options);
   at::Tensor dgh = Cell::kSplitHidden ? scratch(Slot::kSequence2, {steps, B, GH}, options) : dgx;
   at::Tensor dh = dh_n.clone(at::MemoryFormat::Contiguous);  // carried dL/dh, ends as dh0
@@ -361,7 +365,6 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
   at::Tensor htilde = proj ? scratch(Slot::kProjOut, {steps, B, H}, options) : at::Tensor();
   at::Tensor dhh = proj ? scratch(Slot::kState, {B, H}, options) : at::Tensor();  // dL/d(o * tanh c_t)
   at::Tensor zeros = at::zeros({H}, options);
-  const Split<T> split(H, P);
   at::Tensor w_pack = scratch(Slot::kPack, {split.col_panels * GH * NR}, options);
   at::Tensor r_pack = proj ? scratch(Slot::kPackProj, {split.unit_panels * P * NR}, options) : at::Tensor();
 
@@ -372,16 +375,21 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
   T *dgx_p = dgx.data_ptr<T>(), *dgh_p = dgh.data_ptr<T>(), *dh_p = dh.data_ptr<T>(), *dc_p = ptr_or_null<T>(dc);
   T *dhy_p = ptr_or_null<T>(dhy), *ht_p = ptr_or_null<T>(htilde), *dhh_p = ptr_or_null<T>(dhh);
   T *wp = w_pack.data_ptr<T>(), *rp = ptr_or_null<T>(r_pack);
+  T *dx_p = ptr_or_null<T>(dx), *xp = ptr_or_null<T>(x_pack);
+  const T* w_ih = l.w_ih.data_ptr<T>();
   const TimeOrder order{steps, l.reverse};
 
 #pragma omp parallel num_threads(split.team)
   {
     const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
     const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
+    const Range iq = share(per_step ? in_panels : 0, me, team);
     const int64_t j0 = uq.begin * NR, j1 = std::min(uq.end * NR, H);
     const int64_t p0 = cq.begin * NR, p1 = std::min(cq.end * NR, P);
     for (int64_t q = cq.begin; q < cq.end; ++q)
       pack_panel(w_hh, P, false, GH, q * NR, std::min(NR, P - q * NR), wp + q * GH * NR);
+    for (int64_t q = iq.begin; q < iq.end; ++q)
+      pack_panel(w_ih, I, false, GH, q * NR, std::min(NR, I - q * NR), xp + q * GH * NR);
     for (int64_t q = uq.begin; q < uq.end && proj; ++q)
       pack_panel(w_hr, H, false, P, q * NR, std::min(NR, H - q * NR), rp + q * P * NR);
 
@@ -431,9 +439,12 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
 #pragma omp barrier
       for (int64_t q = cq.begin; q < cq.end; ++q)
         gemm_panel(B, GH, dgh_p + t * B * GH, GH, wp + q * GH * NR, dh_p + q * NR, P, std::min(NR, P - q * NR), true);
+      for (int64_t q = iq.begin; q < iq.end; ++q)
+        gemm_panel(B, GH, dgx_p + t * B * GH, GH, xp + q * GH * NR, dx_p + t * B * I + q * NR, I,
+                   std::min(NR, I - q * NR), false);
     }
   }
-  return weight_grads<Cell, T>(l, y, dgx, dgh, dhy, htilde, dh, dc);
+  return weight_grads<Cell, T>(l, y, dx, dgx, dgh, dhy, htilde, dh, dc);
 }
 
 }  // namespace fusedrnn

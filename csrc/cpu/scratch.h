@@ -27,7 +27,7 @@ namespace fusedrnn {
 
 // kSequence holds forward's input projection and then backward's gate gradients (the projection is dead by then),
 // so training keeps one (T, B, G*H) buffer, not two.
-enum class Slot : int { kSequence, kSequence2, kGates, kPack, kPackProj, kGradOut, kProjOut, kState, kCount };
+enum class Slot : int { kSequence, kSequence2, kGates, kPack, kPackInput, kPackProj, kGradOut, kProjOut, kState, kCount };
 
 constexpr int64_t kKeepBytes = int64_t(32) << 20;
 constexpr int64_t kPoolBytes = int64_t(64) << 20;
