@@ -81,19 +81,10 @@ class Point:
         )
 
 
-@dataclasses.dataclass
-class Row:
-    """One backend at one point. status is "ok", "n/a: <reason>" or "error: <what failed>"."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row(Point):
+    """One backend at one point (the point's fields first). status is "ok", "n/a: <reason>" or "error: <what>"."""
 
-    cell: str
-    mode: str
-    dtype: str
-    seq_len: int
-    batch: int
-    input_size: int
-    hidden: int
-    layers: int
-    tag: str
     backend: str
     status: str
     ran: str | None = None  # the backend that actually ran (module.last_backend)
