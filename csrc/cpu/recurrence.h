@@ -2,9 +2,9 @@
 // forward or BPTT, with no Python and no ATen dispatch per step (contract: fusedrnn/reference.py).
 //
 // Forward:  gx = x W_ih^T, either for all T steps as one GEMM (ATen/MKL) first or step by step inside the
-//           loop (project_per_step); per step gates = h_{t-1} W_hh^T (gemm.h, packed weights) and ONE fused pass of the cell's
-//           nonlinearities and state update (Cell::forward_row) writing h_t into y[t] and the
-//           activations into ws[t]; with proj_size, y[t] = (o * tanh(c_t)) W_hr^T.
+//           loop (project_per_step); per step gates = h_{t-1} W_hh^T (gemm.h, packed weights) and ONE fused
+//           pass of the cell's nonlinearities and state update (Cell::forward_row) writing h_t into y[t] and
+//           the activations into ws[t]; with proj_size, y[t] = (o * tanh(c_t)) W_hr^T.
 // Backward: per step in reverse time ONE fused pass for the gate gradients (Cell::backward_row) and
 //           dh_{t-1} = dG_t W_hh + direct term; then dx (the packed-panel kernel), dW_ih, dW_hh, dW_hr and
 //           the bias gradients (ATen/MKL) as GEMMs over all T*B rows (float32 weight gradients in blocks of
@@ -107,13 +107,14 @@ struct Split {
 
 inline bool has_step(const int64_t* lengths, int64_t b, int64_t t) { return !lengths || lengths[b] > t; }
 
-// Whether the forward runs its input projection inside the step loop: each worker multiplies x_t by its own
-// units' W_ih panels next to the recurrent product, so no (T*B, G*H) projection goes through memory and the
-// cell rows find it in cache; BPTT likewise computes dx_t = dG_t W_ih right after dh_{t-1}, while dG_t is hot. The panels are re-read every step, which pays while one worker's W_ih and W_hh
-// panels stay in (or near) its L2 and the batch gives every read enough work; otherwise one GEMM over all
-// T*B rows runs first. Measured (2-core EPYC, 1 MiB L2 per core, LSTM T=35, inference, 2 threads):
-// B=32 I=H=256 7.02 -> 6.38 ms, B=4 1.42 -> 1.09, B=8 1.76 -> 1.68, B=16 I=H=512 13.8 -> 12.6; worse at
-// B=1 I=H=256 (0.45 -> 0.60) and B=32 I=H=1024 (109 -> 116: 16 MiB of panels per worker stream from DRAM).
+// Whether the forward runs its input projection inside the step loop: each worker multiplies x_t by its own units'
+// W_ih panels next to the recurrent product, so no (T*B, G*H) projection goes through memory and the cell rows find
+// it in cache; BPTT likewise computes dx_t = dG_t W_ih right after dh_{t-1}, while dG_t is hot. The panels are
+// re-read every step, which pays while one worker's W_ih and W_hh panels stay in (or near) its L2 and the batch gives
+// every read enough work; otherwise one GEMM over all T*B rows runs first. Measured (2-core EPYC, 1 MiB L2 per core,
+// LSTM T=35, inference, 2 threads): B=32 I=H=256 7.02 -> 6.38 ms, B=4 1.42 -> 1.09, B=8 1.76 -> 1.68, B=16 I=H=512
+// 13.8 -> 12.6; worse at B=1 I=H=256 (0.45 -> 0.60) and B=32 I=H=1024 (109 -> 116: 16 MiB of panels per worker stream
+// from DRAM).
 template <class T>
 bool project_per_step(int64_t B, int64_t I, int64_t P, int64_t worker_columns) {
   const int64_t bytes = (I + P) * worker_columns * static_cast<int64_t>(sizeof(T));
@@ -319,9 +320,9 @@ at::Tensor input_grad(const at::Tensor& dg, const at::Tensor& w_ih) {
   return dx;
 }
 
-// Everything that is not sequential, as GEMMs over all T*B rows (weight gradients: sum_of_outer); dx too
-// unless the BPTT loop already made it (dx_in defined). dgx, dgh: (T, B, G*H); the step before t used h_{t-1} = y[t -/+ 1], or h0 at the first step, so
-// dW_hh sums two parts (no shifted copy of y).
+// Everything that is not sequential, as GEMMs over all T*B rows (weight gradients: sum_of_outer); dx too unless the
+// BPTT loop already made it (dx_in defined). dgx, dgh: (T, B, G*H); the step before t used h_{t-1} = y[t -/+ 1], or
+// h0 at the first step, so dW_hh sums two parts (no shifted copy of y).
 template <class Cell, class T>
 BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& dx_in, const at::Tensor& dgx,
                          const at::Tensor& dgh, const at::Tensor& dhy, const at::Tensor& htilde,

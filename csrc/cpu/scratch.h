@@ -19,15 +19,26 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
-#include <new>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 
 namespace fusedrnn {
 
-// kSequence holds forward's input projection and then backward's gate gradients (the projection is dead by then),
-// so training keeps one (T, B, G*H) buffer, not two.
-enum class Slot : int { kSequence, kSequence2, kGates, kPack, kPackInput, kPackProj, kGradOut, kProjOut, kState, kCount };
+// One buffer per role. kSequence holds forward's input projection and then backward's gate gradients (the
+// projection is dead by then), so training keeps one (T, B, G*H) buffer, not two.
+enum class Slot : int {
+  kSequence,    // gx (forward), dG (backward)
+  kSequence2,   // GRU's hidden-side dG
+  kGates,       // h W_hh^T of one step
+  kPack,        // packed W_hh (and W_ih for dx after the loop)
+  kPackInput,   // packed W_ih for the projection or dx inside the step loop
+  kPackProj,    // packed W_hr
+  kGradOut,     // dL/dh_t with proj_size
+  kProjOut,     // o * tanh(c_t) with proj_size
+  kState,       // forward without save: a two-step ring of ws; backward with proj_size: dL/d(o * tanh c_t)
+  kCount
+};
 
 constexpr int64_t kKeepBytes = int64_t(32) << 20;
 constexpr int64_t kPoolBytes = int64_t(64) << 20;
