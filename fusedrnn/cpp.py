@@ -104,7 +104,8 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sav
     return _in_compute_dtype(_module().forward, args)
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
-    """BPTT of ``forward``: (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), None where absent."""
-    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n)
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
+    """BPTT of ``forward``: (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), None where absent (dx without
+    need_dx: it is then not computed)."""
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx)
     return _in_compute_dtype(_module().backward, args)

@@ -86,19 +86,21 @@ def layer_backward(
     mode: str,
     reverse: bool,
     backend: str,
+    need_dx: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BPTT of ``layer_forward``. Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), empty where absent."""
+    """BPTT of ``layer_forward``. Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), empty where absent
+    (dx too without need_dx: the layer's input needs no gradient, typically the data fed to the first layer)."""
     grads = backends.get(backend).backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx
     )
     return tuple(_empty_like_none(g, x) for g in grads)
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws, dy, dh_n, dc_n, mode, reverse, backend
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws, dy, dh_n, dc_n, mode, reverse, backend, need_dx=True
 ):
-    like = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    like = (x if need_dx else None, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
 
@@ -120,9 +122,12 @@ def _backward(ctx, dy, dh_n, dc_n, _dws):
     dy = torch.zeros_like(y) if dy is None else dy
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dc_n = torch.zeros_like(c0) if dc_n is None and mode == "lstm" else dc_n
+    need_dx = ctx.needs_input_grad[0]
     grads = layer_backward(*saved[:9], saved[9], saved[10], dy, dh_n, dc_n if mode == "lstm" else None,
-                           mode, reverse, backend)
+                           mode, reverse, backend, need_dx)
     grads = [_none_if_empty(g) if i in _OPTIONAL_GRADS else g for i, g in enumerate(grads)]
+    if not need_dx:
+        grads[0] = None
     return (*grads, None, None, None, None, None)
 
 
@@ -131,9 +136,9 @@ _COTANGENTS = range(11, 14)  # its dy, dh_n, dc_n
 
 
 def _setup_backward_context(ctx, inputs, output):
-    *tensors, lengths, _y, _ws, dy, dh_n, dc_n, mode, reverse, _backend = inputs
+    *tensors, lengths, _y, _ws, dy, dh_n, dc_n, mode, reverse, _backend, need_dx = inputs
     ctx.save_for_backward(*tensors, lengths, dy, dh_n, dc_n)
-    ctx.config = (mode, reverse)
+    ctx.config = (mode, reverse, need_dx)
     ctx.set_materialize_grads(False)
 
 
@@ -143,8 +148,10 @@ def _double_backward(ctx, *grad_grads):
 
     y and ws are functions of the primals; the recomputation carries that dependence, so they get no gradient
     of their own. Higher orders work too: under create_graph the result stays attached to the saved inputs."""
-    mode, reverse = ctx.config
+    mode, reverse, need_dx = ctx.config
     *primals, lengths, dy, dh_n, dc_n = ctx.saved_tensors
+    if not need_dx:  # the first output was an empty stand-in for dx: nothing flows back through it
+        grad_grads = (None, *grad_grads[1:])
     saved = dict(zip([*_PRIMALS, *_COTANGENTS], (*primals, dy, dh_n, dc_n)))
     wanted = [i for i, t in saved.items() if t is not None and ctx.needs_input_grad[i]]
     result = [None] * len(ctx.needs_input_grad)

@@ -19,8 +19,8 @@ backward ignores dy there. Holding (a select, never a multiply) keeps NaN/Inf of
 Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module exposes these three):
 
   forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True) -> (y, h_n, c_n, ws)
-  backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n)
-      -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+  backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True)
+      -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); dx is None without need_dx (x needs no gradient)
   workspace_shape(mode, T, B, H, P) -> shape of ws (its dtype is x's)
 
   mode: "lstm" | "gru" | "rnn_tanh" | "rnn_relu";  G gates: 4 | 3 | 1;  P = proj_size or H
@@ -171,7 +171,7 @@ def _rnn_gate_grads(mode, dh, h):
     return torch.where(h <= 0, 0, dh)  # torch's relu backward: a NaN output (fp16 overflow) passes dh on
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
     T, B, _ = x.shape
     H = w_hh.shape[0] // GATES[mode]
     h_prev = _previous(y, h0, reverse)
@@ -205,7 +205,7 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
         if direct is not None:
             dh_prev = dh_prev + direct
         dh = _hold(valid, dh_prev, dh_t)
-    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh, dc, H)
+    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh, dc, H, need_dx)
 
 
 def _flat(t):
@@ -229,9 +229,9 @@ def _sum_of_outer(a, b):
     return total.to(a.dtype)
 
 
-def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh0, dc0, H):
+def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh0, dc0, H, need_dx=True):
     """Everything that is not sequential, as GEMMs over all T*B rows (weight gradients in row blocks)."""
-    dx = (_flat(dgx) @ w_ih).view_as(x)
+    dx = (_flat(dgx) @ w_ih).view_as(x) if need_dx else None
     dw_ih = _sum_of_outer(dgx, x)
     dw_hh = _sum_of_outer(dgh, h_prev)
     db_ih = _flat(dgx).sum(0) if b_ih is not None else None

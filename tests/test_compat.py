@@ -195,6 +195,22 @@ def test_double_backward_like_torch(cell, proj_size, device):
         torch.testing.assert_close(a.cpu(), b, **EXACT)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_double_backward_when_the_input_needs_no_gradient(cell):
+    """Data fed to the first layer needs no gradient, so its BPTT computes no dx; a penalty on the parameter
+    gradients still matches torch.nn's."""
+    fused, ref = _pair(cell, **cell_kwargs(cell, 0))
+    x = random_input(4, 3, 4)
+    results = []
+    for model in (fused, ref):
+        loss = _loss(model(x))
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads) + loss
+        results.append(torch.autograd.grad(penalty, list(model.parameters())))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **EXACT)
+
+
 def _as_tuple(hx):
     return hx if isinstance(hx, tuple) else (hx,)
 

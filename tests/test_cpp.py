@@ -108,6 +108,18 @@ def test_outputs_are_fresh_tensors(mode):
     assert not set(pointers) & {t.untyped_storage().data_ptr() for t in inputs}, "a result aliases an input"
 
 
+@pytest.mark.parametrize("B", (2, 8), ids=("dx-after-the-loop", "dx-in-the-loop"))
+def test_without_need_dx_the_rest_is_unchanged(B):
+    """need_dx=False (the input needs no gradient): no dx, every other gradient bit for bit the same."""
+    args = layer_args("lstm", 6, B, 5, 40, lengths=[6, 3] * (B // 2), reverse=True, dtype=torch.float32)
+    y, _, _, ws = cpp.forward(*args)
+    grads = grad_args(args, y)
+    full, lean = cpp.backward(*args, y, ws, *grads), cpp.backward(*args, y, ws, *grads, False)
+    assert full[0] is not None and lean[0] is None
+    for a, b in zip(full[1:], lean[1:], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_saved_activations_come_from_a_pool():
     """ws outlives the call, so it is pooled, not scratch: two live ones never share memory, and a freed one is
     what the next call of its size gets (no fresh, page-faulting memory per training step)."""

@@ -40,11 +40,36 @@ def test_opcheck_lstm_proj(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", sorted(GATES))
-def test_opcheck_backward(backend, mode):
+@pytest.mark.parametrize("need_dx", (True, False))
+def test_opcheck_backward(backend, mode, need_dx):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _ = _layer_args(mode)
     y, h_n, c_n, ws = ops.layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, False, backend)
     dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
     dc_n = torch.randn_like(c_n) if mode == "lstm" else None
     detached = [t.detach() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
-    args = (*detached, lengths, y.detach(), ws.detach(), dy, dh_n, dc_n, mode, False, backend)
+    args = (*detached, lengths, y.detach(), ws.detach(), dy, dh_n, dc_n, mode, False, backend, need_dx)
     torch.library.opcheck(ops.layer_backward, args, test_utils=("test_schema", "test_faketensor"))
+    assert (ops.layer_backward(*args)[0].numel() > 0) == need_dx
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_is_asked_for_dx_only_when_the_input_needs_it(backend, monkeypatch):
+    """The first layer's input is data (no grad): its BPTT skips dx; the second layer's input needs one."""
+    from fusedrnn import backend as backends
+
+    module = backends.get(backend)
+    asked = []
+    original = module.backward
+
+    def spy(*args):
+        asked.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(module, "backward", spy)
+    model = fusedrnn.GRU(3, 4, num_layers=2, backend=backend)
+    x = torch.randn(5, 2, 3)
+    model(x)[0].sum().backward()
+    assert asked == [True, False]  # BPTT runs from the last layer down
+    asked.clear()
+    model(x.requires_grad_())[0].sum().backward()
+    assert asked == [True, True] and x.grad is not None

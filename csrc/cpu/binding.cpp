@@ -32,8 +32,9 @@ ForwardOut forward(const std::string& mode, const at::Tensor& x, const at::Tenso
 BackwardOut backward(const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const Opt& c0,
                      const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& w_hr,
                      const Opt& lengths, bool reverse, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
-                     const at::Tensor& dh_n, const Opt& dc_n) {
-  const Layer l = layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+                     const at::Tensor& dh_n, const Opt& dc_n, bool need_dx) {
+  Layer l = layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+  l.need_dx = need_dx;
   const at::Tensor y_c = y.contiguous(), ws_c = ws.contiguous(), dy_c = dy.contiguous();
   if (mode == "lstm") return lstm_backward(l, y_c, ws_c, dy_c, dh_n, dc_n ? *dc_n : at::zeros_like(l.c0));
   if (mode == "gru") return gru_backward(l, y_c, ws_c, dy_c, dh_n, at::Tensor());
@@ -49,5 +50,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fusedrnn::forward, "(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save) -> "
         "(y, h_n, c_n, ws); ws is empty without save");
   m.def("backward", &fusedrnn::backward, "(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, "
-        "dy, dh_n, dc_n) -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)");
+        "dy, dh_n, dc_n, need_dx) -> (dx or None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)");
 }

@@ -72,11 +72,12 @@ struct BackwardRow {
 struct Layer {
   at::Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths;
   bool reverse;
-  bool save = true;  // forward: keep ws for a backward; without it ws is (0) and only two steps of it are kept
+  bool save = true;     // forward: keep ws for a backward; without it ws is (0) and only two steps of it are kept
+  bool need_dx = true;  // backward: x needs a gradient (else dx is neither computed nor returned)
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor>;
-using BackwardOut = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor,
+using BackwardOut = std::tuple<std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor,
                                std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 inline std::optional<at::Tensor> maybe(const at::Tensor& t) {
@@ -329,7 +330,8 @@ BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& 
                          const at::Tensor& dh0, const at::Tensor& dc0) {
   const int64_t steps = l.x.size(0), B = l.x.size(1), GH = dgx.size(2), P = y.size(2);
   const at::Tensor dgx_flat = dgx.view({-1, GH});
-  const at::Tensor dx = dx_in.defined() ? dx_in : input_grad<T>(dgx_flat, l.w_ih).view_as(l.x);
+  at::Tensor dx = dx_in;
+  if (!dx.defined() && l.need_dx) dx = input_grad<T>(dgx_flat, l.w_ih).view_as(l.x);
   const at::Tensor dw_ih = sum_of_outer({{dgx_flat, l.x.reshape({-1, l.x.size(2)})}});
   const int64_t first = l.reverse ? steps - 1 : 0;
   const int64_t later = (steps - 1) * B;  // rows of the steps after the first
@@ -343,7 +345,7 @@ BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& 
   }
   at::Tensor dw_hr = dhy.defined() ? sum_of_outer({{dhy.view({-1, P}), htilde.view({-1, htilde.size(2)})}})
                                    : at::Tensor();
-  return {dx, dh0, maybe(dc0), dw_ih, dw_hh, maybe(db_ih), maybe(db_hh), maybe(dw_hr)};
+  return {maybe(dx), dh0, maybe(dc0), dw_ih, dw_hh, maybe(db_ih), maybe(db_hh), maybe(dw_hr)};
 }
 
 template <class Cell, class T>
@@ -355,8 +357,8 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
   const bool proj = l.w_hr.defined();
   const auto options = l.x.options();
   const Split<T> split(H, P);
-  const bool per_step = project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
-  at::Tensor dx = per_step ? at::empty({steps, B, I}, options) : at::Tensor();  // else after the loop
+  const bool per_step = l.need_dx && project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
+  at::Tensor dx = per_step ? at::empty({steps, B, I}, options) : at::Tensor();  // else after the loop, if needed
   at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {in_panels * GH * NR}, options) : at::Tensor();
   at::Tensor dgx = scratch(Slot::kSequence, {steps, B, GH}, options);
   at::Tensor dgh = Cell::kSplitHidden ? scratch(Slot::kSequence2, {steps, B, GH}, options) : dgx;

@@ -34,9 +34,9 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sav
     return y, h_n, c_n, ws if save else ws.new_empty(0)
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
     return _kernels(mode).backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy,
-                                   dh_n, dc_n)
+                                   dh_n, dc_n, need_dx)
 
 
 def unavailable_reason(device, dtype, mode):

@@ -99,7 +99,7 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     return y, y[0 if reverse else T - 1].clone(), None, x.new_empty(workspace_shape(mode, T, B, H, H))
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n):
+def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
     """The backend contract's backward for the RNN modes: (dx, dh0, None, dw_ih, dw_hh, db_ih, db_hh, None)."""
     T, B, _ = x.shape
     H = w_hh.shape[0]
@@ -111,4 +111,5 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     common.launch(rnn_backward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
                   HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dg, dg, None, dh0, None, H)
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dg, dg, None, dh0, None, H,
+                         need_dx)
