@@ -120,6 +120,16 @@ def test_without_need_dx_the_rest_is_unchanged(B):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ("lstm", "gru"))
+@pytest.mark.parametrize("absent", (6, 7), ids=("no-b_ih", "no-b_hh"))
+def test_one_bias_absent(mode, absent):
+    """The contract lets b_ih and b_hh be None independently; the cell rows add whichever is there."""
+    args = list(layer_args(mode, 4, 5, 3, 6))
+    args[absent] = None
+    got, want = cpp.forward(*args), reference.forward(*args)
+    assert_same(got[:3], want[:3], 1e-12)
+
+
 def test_saved_activations_come_from_a_pool():
     """ws outlives the call, so it is pooled, not scratch: two live ones never share memory, and a freed one is
     what the next call of its size gets (no fresh, page-faulting memory per training step)."""

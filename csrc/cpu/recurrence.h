@@ -136,7 +136,7 @@ ForwardOut forward_layer(const Layer& l) {
   at::Tensor gx = scratch(Slot::kSequence, {per_step ? B : steps * B, GH}, options);
   if (!per_step) at::mm_out(gx, l.x.reshape({steps * B, I}), l.w_ih.t());
   at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {split.unit_panels * G * I * NR}, options) : at::Tensor();
-  const at::Tensor zeros = l.b_hh.defined() ? at::Tensor() : at::zeros({GH}, options);
+  const at::Tensor zeros = l.b_ih.defined() && l.b_hh.defined() ? at::Tensor() : at::zeros({GH}, options);
   const at::Tensor bias_x = l.b_ih.defined() ? l.b_ih : zeros, bias = l.b_hh.defined() ? l.b_hh : zeros;
   at::Tensor y = at::empty({steps, B, P}, options);
   // Without save, step s's activations go to slot s % 2 of a two-step ring (the LSTM reads c_{t-1} there).
