@@ -73,3 +73,13 @@ def test_backend_is_asked_for_dx_only_when_the_input_needs_it(backend, monkeypat
     asked.clear()
     model(x.requires_grad_())[0].sum().backward()
     assert asked == [True, True] and x.grad is not None
+
+
+def test_backward_after_a_forward_without_save_raises():
+    """save=False keeps no workspace; a gradient through such a call is an error, never a read of an empty ws."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _ = _layer_args("lstm")
+    w_hh = w_hh.detach().requires_grad_()
+    y, _, _, ws = ops.layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, "lstm", False, "cpp", False)
+    assert ws.numel() == 0
+    with pytest.raises(RuntimeError, match="save=False"):
+        y.sum().backward()
