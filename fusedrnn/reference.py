@@ -205,7 +205,7 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
         if direct is not None:
             dh_prev = dh_prev + direct
         dh = _hold(valid, dh_prev, dh_t)
-    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh, dc, H, need_dx)
+    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, b_hh, w_hr, dgx, dgh, dhy, dh, dc, H, need_dx)
 
 
 def _flat(t):
@@ -229,13 +229,13 @@ def _sum_of_outer(a, b):
     return total.to(a.dtype)
 
 
-def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, w_hr, dgx, dgh, dhy, dh0, dc0, H, need_dx=True):
+def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, b_hh, w_hr, dgx, dgh, dhy, dh0, dc0, H, need_dx=True):
     """Everything that is not sequential, as GEMMs over all T*B rows (weight gradients in row blocks)."""
     dx = (_flat(dgx) @ w_ih).view_as(x) if need_dx else None
     dw_ih = _sum_of_outer(dgx, x)
     dw_hh = _sum_of_outer(dgh, h_prev)
     db_ih = _flat(dgx).sum(0) if b_ih is not None else None
-    db_hh = _flat(dgh).sum(0) if b_ih is not None else None
+    db_hh = _flat(dgh).sum(0) if b_hh is not None else None
     dw_hr = None
     if w_hr is not None:
         o, c = ws[:, :, 3 * H : 4 * H], ws[:, :, 4 * H :]

@@ -123,11 +123,24 @@ def test_without_need_dx_the_rest_is_unchanged(B):
 @pytest.mark.parametrize("mode", ("lstm", "gru"))
 @pytest.mark.parametrize("absent", (6, 7), ids=("no-b_ih", "no-b_hh"))
 def test_one_bias_absent(mode, absent):
-    """The contract lets b_ih and b_hh be None independently; the cell rows add whichever is there."""
+    """The contract lets b_ih and b_hh be None independently: the cell rows add whichever is there, and the
+    backward returns a gradient for exactly that one (checked against autograd through the reference)."""
     args = list(layer_args(mode, 4, 5, 3, 6))
     args[absent] = None
     got, want = cpp.forward(*args), reference.forward(*args)
     assert_same(got[:3], want[:3], 1e-12)
+    y, ws = want[0], want[3]
+    cot = grad_args(args, y)
+    grads = reference.backward(*args, y, ws, *cot)
+    assert_same(cpp.backward(*args, y, ws, *cot), grads, 1e-12)
+    present = 13 - absent  # the other bias
+    assert grads[absent - 1] is None
+    bias = args[present].detach().requires_grad_()
+    args[present] = bias
+    out = reference.forward(*args)
+    outs, cots = zip(*[(o, c) for o, c in zip(out[:3], cot) if c is not None])
+    (db,) = torch.autograd.grad(outs, [bias], cots)
+    torch.testing.assert_close(grads[present - 1], db, rtol=1e-10, atol=1e-12)
 
 
 def test_saved_activations_come_from_a_pool():

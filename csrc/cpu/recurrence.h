@@ -338,11 +338,10 @@ BackwardOut weight_grads(const Layer& l, const at::Tensor& y, const at::Tensor& 
   const at::Tensor rest = (l.reverse ? dgh.narrow(0, 0, steps - 1) : dgh.narrow(0, 1, steps - 1)).reshape({later, GH});
   const at::Tensor before = (l.reverse ? y.narrow(0, 1, steps - 1) : y.narrow(0, 0, steps - 1)).reshape({later, P});
   const at::Tensor dw_hh = sum_of_outer({{dgh[first], l.h0}, {rest, before}});
-  at::Tensor db_ih, db_hh;
-  if (l.b_ih.defined()) {
-    db_ih = dgx_flat.sum(0);
-    db_hh = Cell::kSplitHidden ? dgh.view({-1, GH}).sum(0) : db_ih.clone();
-  }
+  at::Tensor db_ih, db_hh;  // each bias may be absent on its own (the contract's rule)
+  if (l.b_ih.defined()) db_ih = dgx_flat.sum(0);
+  if (l.b_hh.defined())
+    db_hh = Cell::kSplitHidden || !db_ih.defined() ? dgh.view({-1, GH}).sum(0) : db_ih.clone();
   at::Tensor dw_hr = dhy.defined() ? sum_of_outer({{dhy.view({-1, P}), htilde.view({-1, htilde.size(2)})}})
                                    : at::Tensor();
   return {maybe(dx), dh0, maybe(dc0), dw_ih, dw_hh, maybe(db_ih), maybe(db_hh), maybe(dw_hr)};

@@ -141,5 +141,5 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     args = (ws, h0, y, w_hh, common.stand_in(lengths, h0), dy, dgx, dgh, dh_buf, dht, T, B, H)
     common.launch(gru_backward_kernel, x, H, args, REVERSE=reverse, HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dgx, dgh, None, dh0, None, H,
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dgx, dgh, None, dh0, None, H,
                          need_dx)

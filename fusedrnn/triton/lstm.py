@@ -178,6 +178,6 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     common.launch(lstm_backward_kernel, x, H, args, REVERSE=reverse, HAS_LENGTHS=lengths is not None,
                   HAS_PROJ=w_hr is not None)
     dh0, dc0 = common.final_state(dh_buf, T, x.dtype), common.final_state(dc_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, w_hr, dg, dg, dhy, dh0, dc0, H,
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, w_hr, dg, dg, dhy, dh0, dc0, H,
                          need_dx)
 

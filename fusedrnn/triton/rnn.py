@@ -111,5 +111,5 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     common.launch(rnn_backward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
                   HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, None, dg, dg, None, dh0, None, H,
+    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dg, dg, None, dh0, None, H,
                          need_dx)
