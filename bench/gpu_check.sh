@@ -44,7 +44,8 @@ stage() {
 }
 
 # One short forward + backward per kernel: every cell (lstm also with proj), both schemes, packed and
-# bidirectional, so every kernel instantiation for float32 runs under the sanitizer.
+# bidirectional, and a 2-layer stack with dropout (the wavefront), so every kernel instantiation for float32
+# runs under the sanitizer, with and without the layers above the first.
 SANITIZE_CASES='
 import torch, fusedrnn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -61,8 +62,11 @@ for scheme in ("persistent", "per_step"):
         out, _ = model(pack_padded_sequence(x, torch.tensor([4, 2, 3]), enforce_sorted=False))
         out.data.square().sum().backward()
         assert backend.last_scheme() == scheme, (scheme, backend.last_scheme())
+        stack = cls(5, 6, num_layers=2, dropout=0.5, backend="cuda", device="cuda", **kw)  # the wavefront
+        stack(torch.randn(4, 3, 5, device="cuda", requires_grad=True))[0].square().sum().backward()
+        assert backend.last_scheme() == scheme, (scheme, backend.last_scheme())
 torch.cuda.synchronize()
-print("sanitizer cases ran: 5 cells x 2 schemes, forward + backward")
+print("sanitizer cases ran: 5 cells x 2 schemes x (bidirectional packed, 2-layer stack), forward + backward")
 '
 
 # Limits add up to 460 s: the whole run stays under 8 minutes with the summary.

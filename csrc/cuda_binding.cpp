@@ -1,18 +1,24 @@
-// pybind11 binding of the CUDA backend (module fusedrnn._cuda): the backend contract of
-// fusedrnn/reference.py for one layer in one direction, in C++ so a call costs one Python crossing.
+// pybind11 binding of the CUDA backend (module fusedrnn._cuda): the backend contracts of
+// fusedrnn/reference.py, in C++ so a call costs one Python crossing.
 //
 //   forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, scheme, poison)
 //       -> [y, h_n, c_n | None, ws]
 //   backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n,
-//            scheme, poison) -> [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] (None where absent)
-//   last_scheme() -> "persistent" | "per_step": what the last call ran
+//            need_dx, scheme, poison) -> [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] (None where absent)
+//   stack_forward(mode, x, h0, c0, w_ih[], w_hh[], b_ih[], b_hh[], w_hr[], masks[], lengths, reverse, scheme,
+//                 poison) -> [ys, h_n, c_n | None, ws]
+//   stack_backward(mode, x, h0, c0, w_ih[], ..., masks[], lengths, reverse, ys, ws, dys, dh_n, dc_n, need_dx,
+//                  scheme, poison) -> (dx | None, dh0, dc0 | None, dw_ih[], dw_hh[], db_ih[], db_hh[], dw_hr[])
+//   last_scheme() -> "persistent" | "per_step": what the last call ran;  max_layers: the deepest stack per call
 //
 // Shapes as in reference.py: x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
 // w_hr (P, H), lengths (B,) int64, y (T, B, P), ws (T, B, WS*H) with the reference's layout
-// (lstm: i, f, g, o, c; gru: r, z, n, gh_n; rnn: none). Everything that is not sequential is an ATen GEMM
-// here: gx = x W_ih^T + b_ih before the recurrence kernel; dx, dW_ih, dW_hh, dW_hr and the bias grads
-// after it. scheme: "auto" | "persistent" | "per_step" (see launchers.h). poison fills every buffer the
-// kernels write with NaN first, so tests catch elements a kernel never wrote.
+// (lstm: i, f, g, o, c; gru: r, z, n, gh_n; rnn: none); a stack's h0, c0, ys, ws, dys... gain a leading L
+// and its lists hold one tensor per layer (empty where absent). A layer call is the stack of one layer.
+// Everything that is not sequential is an ATen GEMM here: layer 0's gx = x W_ih^T + b_ih before the
+// recurrence kernel; dx, dW_ih, dW_hh, dW_hr and the bias grads after it. scheme: "auto" | "persistent" |
+// "per_step" (see launchers.h). poison fills every buffer the kernels write with NaN first, so tests catch
+// elements a kernel never wrote.
 // Only device-generic ATen/c10 headers: this file also compiles against a CPU-only torch.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -126,7 +132,8 @@ Tensor previous(const Tensor& y, const Tensor& h0, bool reverse) {
                  : at::cat({h0.unsqueeze(0), y.narrow(0, 0, T - 1)}, 0);
 }
 
-cudaError_t run_forward(Kind kind, Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t s, Scheme* used) {
+cudaError_t run_forward(Kind kind, Dtype dtype, const StackForwardArgs& a, Scheme scheme, cudaStream_t s,
+                        Scheme* used) {
   switch (kind) {
     case Kind::lstm:
       return lstm_forward(dtype, a, scheme, s, used);
@@ -137,7 +144,8 @@ cudaError_t run_forward(Kind kind, Dtype dtype, const ForwardArgs& a, Scheme sch
   }
 }
 
-cudaError_t run_backward(Kind kind, Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t s, Scheme* used) {
+cudaError_t run_backward(Kind kind, Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t s,
+                         Scheme* used) {
   switch (kind) {
     case Kind::lstm:
       return lstm_backward(dtype, a, scheme, s, used);
@@ -148,95 +156,179 @@ cudaError_t run_backward(Kind kind, Dtype dtype, const BackwardArgs& a, Scheme s
   }
 }
 
+using Tensors = std::vector<Tensor>;
+
+const void* ptr_at(const Tensors& ts, size_t i) { return i < ts.size() ? ts[i].data_ptr() : nullptr; }
+Tensors contiguous_all(const Tensors& ts) {
+  Tensors out;
+  for (const Tensor& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+Tensors transposed_all(const Tensors& ts) {
+  Tensors out;
+  for (const Tensor& t : ts) out.push_back(t.t().contiguous());
+  return out;
+}
+Tensors listed(const OptTensor& t) { return present(t) ? Tensors{*t} : Tensors{}; }
+
+// What layer l of a stack reads: x, or the layer below's output times the dropout mask between them.
+Tensor layer_input(const Tensor& x, const Tensor& ys, const Tensors& masks, int64_t l) {
+  if (l == 0) return x;
+  return masks.empty() ? ys[l - 1] : ys[l - 1] * masks[l - 1];
+}
+
+void check_depth(size_t layers) {
+  TORCH_CHECK_VALUE(layers >= 1 && layers <= static_cast<size_t>(kMaxLayers),
+                    "fusedrnn cuda: a stack launch runs 1 to ", kMaxLayers, " layers, got ", layers,
+                    " (fusedrnn/cuda.py runs deeper stacks layer by layer)");
+}
+
+// The stack contract's forward (reference.py): ys (L, T, B, P), h_n (L, B, P), c_n (L, B, H) | None, ws.
+std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
+                                  const Tensors& w_ih, const Tensors& w_hh, const Tensors& b_ih, const Tensors& b_hh,
+                                  const Tensors& w_hr, const Tensors& masks, const OptTensor& lengths, bool reverse,
+                                  const std::string& scheme, bool poison) {
+  const c10::DeviceGuard guard(x.device());
+  const CellInfo cell = cell_info(mode);
+  check_depth(w_ih.size());
+  const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
+  const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2);
+  const bool lstm = cell.kind == Kind::lstm, proj = !w_hr.empty(), dropout = !masks.empty();
+  const Tensor x_flat = flat(x);
+  const Tensor gx =
+      (b_ih.empty() ? at::mm(x_flat, w_ih[0].t()) : at::addmm(b_ih[0], x_flat, w_ih[0].t())).view({T, B, -1});
+  const Tensor ys = at::empty({L, T, B, P}, x.options());
+  const Tensor ws = at::empty({L, T, B, cell.ws_rows * H}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor h = at::empty({L, 2, B, P}, f32);
+  const Tensor c = lstm ? float_copy(*c0) : Tensor();
+  const Tensor r = proj ? at::empty({L, B, H}, f32) : Tensor();
+  const Tensor x_out = dropout ? at::empty({L, 2, B, P}, f32) : Tensor();
+  if (poison) poison_all({ys, ws, h, r, x_out});
+  h.select(1, 0).copy_(h0);
+  const Tensors w_ih_c = contiguous_all(w_ih), w_hh_c = contiguous_all(w_hh), b_ih_c = contiguous_all(b_ih);
+  const Tensors b_hh_c = contiguous_all(b_hh), w_hr_c = contiguous_all(w_hr), masks_c = contiguous_all(masks);
+  StackForwardArgs args{};
+  args.L = static_cast<int>(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const bool first = l == 0, top = l + 1 == L;
+    float* x_in = first ? nullptr : (dropout ? x_out[l - 1] : h[l - 1]).data_ptr<float>();
+    args.layer[l] = ForwardArgs{shape_of(x, H, P, lengths, reverse),
+                                first ? gx.data_ptr() : nullptr,
+                                x_in,
+                                first ? nullptr : w_ih_c[l].data_ptr(),
+                                first ? nullptr : ptr_at(b_ih_c, l),
+                                w_hh_c[l].data_ptr(),
+                                ptr_at(b_hh_c, l),
+                                ptr_at(w_hr_c, l),
+                                ys[l].data_ptr(),
+                                ws[l].data_ptr(),
+                                h[l].data_ptr<float>(),
+                                lstm ? c[l].data_ptr<float>() : nullptr,
+                                proj ? r[l].data_ptr<float>() : nullptr,
+                                dropout && !top ? masks_c[l].data_ptr() : nullptr,
+                                dropout && !top ? x_out[l].data_ptr<float>() : nullptr};
+  }
+  Scheme used = Scheme::automatic;
+  const cudaError_t err = run_forward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
+  check(err, used, "forward");
+  return {ys, fresh_like(h0, h.select(1, T % 2)), lstm ? fresh_like(*c0, c) : Tensor(), ws};
+}
+
+// The stack contract's BPTT: dx | None, dh0, dc0 | None, and the lists dw_ih, dw_hh, db_ih, db_hh, dw_hr.
+std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> stack_backward(
+    const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensors& w_ih,
+    const Tensors& w_hh, const Tensors& b_ih, const Tensors& b_hh, const Tensors& w_hr, const Tensors& masks,
+    const OptTensor& lengths, bool reverse, const Tensor& ys, const Tensor& ws, const Tensor& dys, const Tensor& dh_n,
+    const OptTensor& dc_n, bool need_dx, const std::string& scheme, bool poison) {
+  const c10::DeviceGuard guard(x.device());
+  const CellInfo cell = cell_info(mode);
+  check_depth(w_ih.size());
+  const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
+  const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2), GH = cell.gates * H;
+  const bool lstm = cell.kind == Kind::lstm, gru = cell.kind == Kind::gru, proj = !w_hr.empty();
+  const bool dropout = !masks.empty();
+  const Tensor dgx = at::empty({L, T, B, GH}, x.options());
+  const Tensor dgh = gru ? at::empty_like(dgx) : Tensor();
+  const Tensor dhy = proj ? at::empty({L, T, B, P}, x.options()) : Tensor();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor dh = float_copy(dh_n);
+  const Tensor dc = lstm ? float_copy(*dc_n) : Tensor();
+  const Tensor dgh_step = at::empty({L, 2, B, GH}, f32);
+  const Tensor dgx_step = gru && L > 1 ? at::empty({L, 2, B, GH}, f32) : Tensor();  // gru: differs from dgh_step
+  const Tensor dh_step = at::empty({L, B, P}, f32);
+  if (poison) poison_all({dgx, dgh, dhy, dgh_step, dgx_step, dh_step});
+  const Tensors w_hhT = transposed_all(w_hh), w_hrT = transposed_all(w_hr), w_ihT = transposed_all(w_ih);
+  const Tensors masks_c = contiguous_all(masks);
+  const Tensor h0_c = h0.contiguous(), ys_c = ys.contiguous(), ws_c = ws.contiguous(), dys_c = dys.contiguous();
+  const Tensor c0_c = lstm ? c0->contiguous() : Tensor();
+  StackBackwardArgs args{};
+  args.L = static_cast<int>(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const bool top = l + 1 == L;
+    const Tensor& steps_up = top ? Tensor() : (gru ? dgx_step[l + 1] : dgh_step[l + 1]);
+    args.layer[l] = BackwardArgs{shape_of(x, H, P, lengths, reverse),
+                                 w_hhT[l].data_ptr(),
+                                 ptr_at(w_hrT, l),
+                                 top ? nullptr : w_ihT[l + 1].data_ptr(),
+                                 top ? nullptr : steps_up.data_ptr<float>(),
+                                 dropout && !top ? masks_c[l].data_ptr() : nullptr,
+                                 h0_c[l].data_ptr(),
+                                 lstm ? c0_c[l].data_ptr() : nullptr,
+                                 ys_c[l].data_ptr(),
+                                 ws_c[l].data_ptr(),
+                                 dys_c[l].data_ptr(),
+                                 dgx[l].data_ptr(),
+                                 gru ? dgh[l].data_ptr() : nullptr,
+                                 proj ? dhy[l].data_ptr() : nullptr,
+                                 dh[l].data_ptr<float>(),
+                                 lstm ? dc[l].data_ptr<float>() : nullptr,
+                                 dgh_step[l].data_ptr<float>(),
+                                 gru && l > 0 ? dgx_step[l].data_ptr<float>() : nullptr,
+                                 dh_step[l].data_ptr<float>()};
+  }
+  Scheme used = Scheme::automatic;
+  const cudaError_t err = run_backward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
+  check(err, used, "backward");
+  Tensors dw_ih, dw_hh, db_ih, db_hh, dw_hr;
+  for (int64_t l = 0; l < L; ++l) {
+    const Tensor gx_l = dgx[l], gh_l = gru ? dgh[l] : gx_l;
+    dw_ih.push_back(sum_of_outer(gx_l, layer_input(x, ys_c, masks_c, l)));
+    dw_hh.push_back(sum_of_outer(gh_l, previous(ys_c[l], h0_c[l], reverse)));
+    if (!b_ih.empty()) db_ih.push_back(flat(gx_l).sum(0));
+    if (!b_hh.empty()) db_hh.push_back(flat(gh_l).sum(0));
+    if (proj) {
+      const Tensor o = ws_c[l].narrow(2, 3 * H, H), c_t = ws_c[l].narrow(2, 4 * H, H);
+      dw_hr.push_back(sum_of_outer(dhy[l], o * c_t.tanh()));
+    }
+  }
+  const Tensor dx = need_dx ? at::mm(flat(dgx[0]), w_ih[0]).view_as(x) : Tensor();
+  return {dx, fresh_like(h0, dh), lstm ? fresh_like(*c0, dc) : Tensor(), dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+// One layer-direction (reference.py's layer contract): the stack of one layer.
 std::vector<Tensor> forward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                             const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const std::string& scheme,
                             bool poison) {
-  const c10::DeviceGuard guard(x.device());
-  const CellInfo cell = cell_info(mode);
-  const int64_t T = x.size(0), B = x.size(1), H = w_hh.size(0) / cell.gates, P = h0.size(1);
-  const bool lstm = cell.kind == Kind::lstm, proj = present(w_hr);
-  const Tensor x_flat = flat(x);
-  const Tensor gx = (present(b_ih) ? at::addmm(*b_ih, x_flat, w_ih.t()) : at::mm(x_flat, w_ih.t())).view({T, B, -1});
-  const Tensor y = at::empty({T, B, P}, x.options());
-  const Tensor ws = at::empty({T, B, cell.ws_rows * H}, x.options());
-  const auto f32 = x.options().dtype(at::kFloat);
-  const Tensor h = at::empty({2, B, P}, f32);
-  const Tensor c = lstm ? float_copy(*c0) : Tensor();
-  const Tensor r = proj ? at::empty({B, H}, f32) : Tensor();
-  if (poison) poison_all({y, ws, h, r});
-  h[0].copy_(h0);
-  const Tensor w_hh_c = w_hh.contiguous();
-  const OptTensor b_hh_c = present(b_hh) ? OptTensor(b_hh->contiguous()) : std::nullopt;
-  const OptTensor w_hr_c = proj ? OptTensor(w_hr->contiguous()) : std::nullopt;
-  const ForwardArgs args{shape_of(x, H, P, lengths, reverse),
-                         gx.data_ptr(),
-                         w_hh_c.data_ptr(),
-                         ptr_or_null(b_hh_c),
-                         ptr_or_null(w_hr_c),
-                         y.data_ptr(),
-                         ws.data_ptr(),
-                         h.data_ptr<float>(),
-                         lstm ? c.data_ptr<float>() : nullptr,
-                         proj ? r.data_ptr<float>() : nullptr};
-  Scheme used = Scheme::automatic;
-  const cudaError_t err = run_forward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
-  check(err, used, "forward");
-  return {y, fresh_like(h0, h[T % 2]), lstm ? fresh_like(*c0, c) : Tensor(), ws};
+  const OptTensor c0_1 = present(c0) ? OptTensor(c0->unsqueeze(0)) : std::nullopt;
+  const std::vector<Tensor> out = stack_forward(mode, x, h0.unsqueeze(0), c0_1, {w_ih}, {w_hh}, listed(b_ih),
+                                                listed(b_hh), listed(w_hr), {}, lengths, reverse, scheme, poison);
+  return {out[0][0], out[1][0], out[2].defined() ? out[2][0] : Tensor(), out[3][0]};
 }
 
 std::vector<Tensor> backward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                              const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& y,
                              const Tensor& ws, const Tensor& dy, const Tensor& dh_n, const OptTensor& dc_n,
-                             const std::string& scheme, bool poison) {
-  const c10::DeviceGuard guard(x.device());
-  const CellInfo cell = cell_info(mode);
-  const int64_t T = x.size(0), B = x.size(1), H = w_hh.size(0) / cell.gates, P = h0.size(1);
-  const bool lstm = cell.kind == Kind::lstm, gru = cell.kind == Kind::gru, proj = present(w_hr);
-  const Tensor dgx = at::empty({T, B, cell.gates * H}, x.options());
-  const Tensor dgh = gru ? at::empty_like(dgx) : Tensor();
-  const Tensor dhy = proj ? at::empty({T, B, P}, x.options()) : Tensor();
-  const auto f32 = x.options().dtype(at::kFloat);
-  const Tensor dh = float_copy(dh_n);
-  const Tensor dc = lstm ? float_copy(*dc_n) : Tensor();
-  const Tensor dgh_step = at::empty({2, B, cell.gates * H}, f32);
-  const Tensor dh_step = at::empty({B, P}, f32);
-  if (poison) poison_all({dgx, dgh, dhy, dgh_step, dh_step});
-  const Tensor w_hhT = w_hh.t().contiguous();
-  const Tensor w_hrT = proj ? w_hr->t().contiguous() : Tensor();
-  const Tensor h0_c = h0.contiguous(), y_c = y.contiguous(), ws_c = ws.contiguous(), dy_c = dy.contiguous();
-  const Tensor c0_c = lstm ? c0->contiguous() : Tensor();
-  const BackwardArgs args{shape_of(x, H, P, lengths, reverse),
-                          w_hhT.data_ptr(),
-                          proj ? w_hrT.data_ptr() : nullptr,
-                          h0_c.data_ptr(),
-                          lstm ? c0_c.data_ptr() : nullptr,
-                          y_c.data_ptr(),
-                          ws_c.data_ptr(),
-                          dy_c.data_ptr(),
-                          dgx.data_ptr(),
-                          gru ? dgh.data_ptr() : nullptr,
-                          proj ? dhy.data_ptr() : nullptr,
-                          dh.data_ptr<float>(),
-                          lstm ? dc.data_ptr<float>() : nullptr,
-                          dgh_step.data_ptr<float>(),
-                          dh_step.data_ptr<float>()};
-  Scheme used = Scheme::automatic;
-  const cudaError_t err = run_backward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
-  check(err, used, "backward");
-  const Tensor gx_flat = flat(dgx), gh_flat = gru ? flat(dgh) : gx_flat;
-  const Tensor dx = at::mm(gx_flat, w_ih).view_as(x);
-  const Tensor dw_ih = sum_of_outer(dgx, x);
-  const Tensor dw_hh = sum_of_outer(gru ? dgh : dgx, previous(y_c, h0_c, reverse));
-  const Tensor db_ih = present(b_ih) ? gx_flat.sum(0) : Tensor();
-  const Tensor db_hh = present(b_hh) ? gh_flat.sum(0) : Tensor();
-  Tensor dw_hr;
-  if (proj) {
-    const Tensor o = ws_c.narrow(2, 3 * H, H), c_t = ws_c.narrow(2, 4 * H, H);
-    dw_hr = sum_of_outer(dhy, o * c_t.tanh());
-  }
-  return {dx, fresh_like(h0, dh), lstm ? fresh_like(*c0, dc) : Tensor(), dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+                             bool need_dx, const std::string& scheme, bool poison) {
+  const auto one = [](const OptTensor& t) { return present(t) ? OptTensor(t->unsqueeze(0)) : std::nullopt; };
+  const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
+      stack_backward(mode, x, h0.unsqueeze(0), one(c0), {w_ih}, {w_hh}, listed(b_ih), listed(b_hh), listed(w_hr), {},
+                     lengths, reverse, y.unsqueeze(0), ws.unsqueeze(0), dy.unsqueeze(0), dh_n.unsqueeze(0), one(dc_n),
+                     need_dx, scheme, poison);
+  const auto first = [](const Tensors& ts) { return ts.empty() ? Tensor() : ts[0]; };
+  return {dx, dh0[0], dc0.defined() ? dc0[0] : Tensor(), dw_ih[0], dw_hh[0], first(db_ih), first(db_hh), first(dw_hr)};
 }
 
 }  // namespace
@@ -246,5 +338,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedrnn CUDA backend: persistent fused LSTM/GRU/RNN recurrences (see fusedrnn/cuda.py)";
   m.def("forward", &fusedrnn::forward, "one layer-direction forward; see csrc/cuda_binding.cpp");
   m.def("backward", &fusedrnn::backward, "its hand-written BPTT");
+  m.def("stack_forward", &fusedrnn::stack_forward, "a unidirectional stack's forward as one wavefront");
+  m.def("stack_backward", &fusedrnn::stack_backward, "its BPTT, one wavefront in reverse");
   m.def("last_scheme", [] { return fusedrnn::last_scheme_name; }, "scheme of the last kernel run");
+  m.attr("max_layers") = fusedrnn::kMaxLayers;
 }

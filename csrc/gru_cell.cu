@@ -31,11 +31,11 @@ struct GruCell {
   }
 };
 
-cudaError_t gru_forward(Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t gru_forward(Dtype dtype, const StackForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_forward<GruCell>(dtype, a, scheme, stream, used);
 }
 
-cudaError_t gru_backward(Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t gru_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_backward<GruCell>(dtype, a, scheme, stream, used);
 }
 

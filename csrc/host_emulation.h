@@ -206,11 +206,13 @@ inline cudaError_t run(const void* func, dim3 grid, dim3 threads, void** args, s
 #undef __device__
 #undef __host__
 #undef __launch_bounds__
+#undef __grid_constant__
 #undef __shared__
 #define __global__
 #define __device__
 #define __host__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__ thread_local  // one OS thread per block: thread_local is per block
 inline void __syncthreads() { emu::yield(emu::Wait::block); }
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }

@@ -1,11 +1,16 @@
 // Torch-free interface between the pybind11 binding (cuda_binding.cpp) and the CUDA kernels (*.cu).
 //
-// One call runs the sequential part of ONE layer in ONE direction (the contract is in
-// fusedrnn/reference.py). The binding does everything that is not sequential with ATen GEMMs: the
-// input projection gx = x W_ih^T + b_ih before the forward, and dx, dW_ih, dW_hh, dW_hr and the biases'
-// gradients after the backward. Shapes below use T steps, B batch rows, H hidden units, P = proj_size or
-// H, G gates (lstm 4, gru 3, rnn 1) and WS = workspace rows per unit (lstm 5, gru 4, rnn 0).
-// "elem" tensors have the layer's dtype (float32, float16 or bfloat16); state buffers are float32.
+// One call runs the sequential part of a STACK of L layers (L = 1: one layer in one direction, the contract
+// of fusedrnn/reference.py; L > 1: its stack contract, unidirectional layers with dropout masks between
+// them) as a wavefront: layer l runs its step s at super-step s + l in the forward, and at super-step
+// s + (L - 1 - l) in the backward, so a stack costs T + L - 1 grid barriers instead of L * T. The layers
+// above the first project their input on chip (the layer below's output, read from its float32 state
+// buffer); the binding does everything that is not sequential with ATen GEMMs: layer 0's input projection
+// gx = x W_ih^T + b_ih before the forward, and dx, dW_ih, dW_hh, dW_hr and the biases' gradients after the
+// backward. Shapes below use T steps, B batch rows, H hidden units, P = proj_size or H, G gates (lstm 4,
+// gru 3, rnn 1) and WS = workspace rows per unit (lstm 5, gru 4, rnn 0). "elem" tensors have the layer's
+// dtype (float32, float16 or bfloat16); state buffers are float32. Slot k of a (2, ...) buffer holds the
+// value of the steps s with s % 2 == k as noted per field.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -26,45 +31,66 @@ struct Shape {
   const int64_t* lengths;   // (B,) or nullptr: sequence b has steps t < lengths[b]; other steps hold
 };
 
-struct ForwardArgs {
+constexpr int kMaxLayers = 8;  // layers of one launch (kernel parameter space); deeper stacks go layer by layer
+
+struct ForwardArgs {  // one layer
   Shape shape;
-  const void* gx;    // elem (T, B, G*H): x W_ih^T + b_ih
-  const void* w_hh;  // elem (G*H, P)
-  const void* b_hh;  // elem (G*H,) or nullptr
-  const void* w_hr;  // elem (P, H) or nullptr (lstm with proj_size)
-  void* y;           // elem (T, B, P) out: state after each step (held value at padded steps)
-  void* ws;          // elem (T, B, WS*H) out: saved for backward (see the cell files)
-  float* h;          // (2, B, P) in/out: h[0] = h0 on entry; h[T % 2] = h_n on exit
-  float* c;          // (B, H) in/out, lstm only: c0 on entry, c_n on exit
-  float* r;          // (B, H) scratch, proj only: o * tanh(c) before the projection
+  const void* gx;     // elem (T, B, G*H): x W_ih^T + b_ih (layer 0), or nullptr: projected on chip from x_in
+  const float* x_in;  // (2, B, P) layer l > 0: the layer below's output of step s in slot (s + 1) % 2, masked
+  const void* w_ih;   // elem (G*H, P) with x_in
+  const void* b_ih;   // elem (G*H,) or nullptr, with x_in
+  const void* w_hh;   // elem (G*H, P)
+  const void* b_hh;   // elem (G*H,) or nullptr
+  const void* w_hr;   // elem (P, H) or nullptr (lstm with proj_size)
+  void* y;            // elem (T, B, P) out: state after each step (held value at padded steps)
+  void* ws;           // elem (T, B, WS*H) out: saved for backward (see the cell files)
+  float* h;           // (2, B, P) in/out: h[0] = h0 on entry; the state after step s in slot (s + 1) % 2
+  float* c;           // (B, H) in/out, lstm only: c0 on entry, c_n on exit
+  float* r;           // (B, H) scratch, proj only: o * tanh(c) before the projection
+  const void* mask;   // elem (T, B, P) or nullptr: dropout mask between this layer and the one above
+  float* x_out;       // (2, B, P) or nullptr (with mask): the output times mask, the layer above's x_in
 };
 
-struct BackwardArgs {
+struct BackwardArgs {  // one layer
   Shape shape;
-  const void* w_hhT;  // elem (P, G*H): W_hh transposed
-  const void* w_hrT;  // elem (H, P): W_hr transposed, or nullptr
-  const void* h0;     // elem (B, P)
-  const void* c0;     // elem (B, H), lstm only
-  const void* y;      // elem (T, B, P) from the forward
-  const void* ws;     // elem (T, B, WS*H) from the forward
-  const void* dy;     // elem (T, B, P)
-  void* dgx;          // elem (T, B, G*H) out: grads of the input-side pre-activations (masked to 0 at padding)
-  void* dgh;          // elem (T, B, G*H) out, gru only (hidden side differs): else nullptr, dgx serves both
-  void* dhy;          // elem (T, B, P) out, proj only: dL/dh_t (masked), for dW_hr
-  float* dh;          // (B, P) in/out: dh_n on entry, dh0 on exit
-  float* dc;          // (B, H) in/out, lstm only: dc_n on entry, dc0 on exit
-  float* dgh_step;    // (2, B, G*H) scratch: float32 hidden-side gate grads of the last two steps
-  float* dh_step;     // (B, P) scratch: dL/dh_t of the current step
+  const void* w_hhT;     // elem (P, G*H): W_hh transposed
+  const void* w_hrT;     // elem (H, P): W_hr transposed, or nullptr
+  const void* w_ihT_up;  // elem (P, G*H): the layer above's W_ih transposed, or nullptr (top layer)
+  const float* dgx_up;   // (2, B, G*H) with w_ihT_up: the layer above's dgx_step
+  const void* mask;      // elem (T, B, P) or nullptr: dropout mask between this layer and the one above
+  const void* h0;        // elem (B, P)
+  const void* c0;        // elem (B, H), lstm only
+  const void* y;         // elem (T, B, P) from the forward
+  const void* ws;        // elem (T, B, WS*H) from the forward
+  const void* dy;        // elem (T, B, P): the gradient from outside the stack
+  void* dgx;             // elem (T, B, G*H) out: grads of the input-side pre-activations (masked to 0 at padding)
+  void* dgh;             // elem (T, B, G*H) out, gru only (hidden side differs): else nullptr, dgx serves both
+  void* dhy;             // elem (T, B, P) out, proj only: dL/dh_t (masked), for dW_hr
+  float* dh;             // (B, P) in/out: dh_n on entry, dh0 on exit
+  float* dc;             // (B, H) in/out, lstm only: dc_n on entry, dc0 on exit
+  float* dgh_step;       // (2, B, G*H) scratch: float32 hidden-side gate grads of backward step s in slot s % 2
+  float* dgx_step;       // (2, B, G*H) or nullptr: input-side ones for the layer below, where they differ (gru)
+  float* dh_step;        // (B, P) scratch: dL/dh_t of the current step
+};
+
+struct StackForwardArgs {
+  int L;  // layers, <= kMaxLayers; layer[0] reads gx, the others x_in
+  ForwardArgs layer[kMaxLayers];
+};
+
+struct StackBackwardArgs {
+  int L;
+  BackwardArgs layer[kMaxLayers];
 };
 
 // Each launcher checks every CUDA call and returns the first error (cudaErrorCooperativeLaunchTooLarge
 // when a forced persistent scheme does not fit) and sets *used to the scheme it ran. The cell's own file
 // defines its pair; `relu` picks the rnn's nonlinearity (else tanh).
-cudaError_t lstm_forward(Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
-cudaError_t lstm_backward(Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
-cudaError_t gru_forward(Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
-cudaError_t gru_backward(Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
-cudaError_t rnn_forward(bool relu, Dtype, const ForwardArgs&, Scheme, cudaStream_t, Scheme* used);
-cudaError_t rnn_backward(bool relu, Dtype, const BackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t lstm_forward(Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t lstm_backward(Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t gru_forward(Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t gru_backward(Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t rnn_forward(bool relu, Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Scheme* used);
+cudaError_t rnn_backward(bool relu, Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
 
 }  // namespace fusedrnn

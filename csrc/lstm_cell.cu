@@ -37,11 +37,11 @@ struct LstmCell {
   }
 };
 
-cudaError_t lstm_forward(Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t lstm_forward(Dtype dtype, const StackForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_forward<LstmCell>(dtype, a, scheme, stream, used);
 }
 
-cudaError_t lstm_backward(Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t lstm_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_backward<LstmCell>(dtype, a, scheme, stream, used);
 }
 

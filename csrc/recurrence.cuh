@@ -1,26 +1,32 @@
-// The recurrence of one layer-direction, forward and backward, for any cell (lstm_cell.cu, gru_cell.cu,
-// rnn_cell.cu supply the per-unit math). The contract and the math are in fusedrnn/reference.py; the
-// argument structs and their shapes are in launchers.h.
+// The recurrence of a stack of layers (one layer-direction: L = 1), forward and backward, for any cell
+// (lstm_cell.cu, gru_cell.cu, rnn_cell.cu supply the per-unit math). The contracts and the math are in
+// fusedrnn/reference.py; the argument structs and their shapes are in launchers.h.
 //
-// Work split: block k owns hidden units j in [k*U, k*U + U) ("unit phase": gates, cell update) and
-// output features p in [k*Up, k*Up + Up) ("out phase"): the projection h = r W_hr^T with proj_size, the
-// dL/dh bookkeeping in the backward. Without proj_size P == H and Up == U, so both phases of a block
-// cover the same indices and need only a block barrier between them; with it they need a grid barrier.
+// Work split: the grid is L groups of L.per_layer blocks, group l runs layer l. Block k of a group owns
+// hidden units j in [k*U, k*U + U) ("unit phase": gates, cell update) and output features p in
+// [k*Up, k*Up + Up) ("out phase": the projection h = r W_hr^T with proj_size, the dL/dh bookkeeping in the
+// backward). Without proj_size P == H and Up == U, so both phases of a block cover the same indices and
+// need only a block barrier between them; with it they need a grid barrier.
+// Wavefront: super-step S runs layer l's forward step s = S - l and its backward step s = S - (L-1-l);
+// a layer outside its range idles through the barriers. A step reads what the step before it and the layer
+// next to it wrote one super-step earlier, from the slot of a (2, ...) buffer the writers are not writing.
 //
-// Forward, step s (t = s, or T-1-s when reverse), h_prev = h[s % 2], h_next = h[(s+1) % 2]:
-//   units: gh = h_prev W_hh[rows of own units]^T + b_hh; cell(gx[t], gh) -> c, ws[t], r
-//          without proj: h_next = valid ? r : h_prev (own units), y[t] = h_next
-//   outs (proj only): h_next = valid ? r W_hr[own rows]^T : h_prev, y[t] = h_next
-// Backward, step s walks the forward's steps in reverse; dgh_step[s % 2] holds step s's hidden-side
-// gate grads (float32, zero at padded steps):
+// Forward, layer step s (t = s, or T-1-s when reverse), h_prev = h[s % 2], h_next = h[(s+1) % 2]:
+//   units: gx = layer 0 ? gx[t] : x_in[(s+1) % 2] W_ih[rows of own units]^T + b_ih  (the layer below's step s)
+//          gh = h_prev W_hh[rows of own units]^T + b_hh; cell(gx, gh) -> c, ws[t], r
+//          without proj: h_next = valid ? r : h_prev (own units), y[t] = h_next, x_out = h_next * mask[t]
+//   outs (proj only): h_next = valid ? r W_hr[own rows]^T : h_prev, y[t] = h_next, x_out as above
+// Backward, layer step s walks the forward's steps in reverse; dgh_step[s % 2] holds step s's hidden-side
+// gate grads (float32, zero at padded steps), dgx_step[s % 2] the input-side ones where they differ:
 //   outs:  dh += dgh_step[(s-1) % 2] W_hh[:, own p]  (s > 0);  s == T: dh is dh0, stop
-//          dh_t = dh + (valid ? dy[t] : 0);  dh_step = dh_t;  dhy[t] = valid ? dh_t : 0 (proj)
+//          dy_t = dy[t] + mask[t] * dgx_up[s % 2] W_ih_up[:, own p]  (the layer above's same step)
+//          dh_t = dh + (valid ? dy_t : 0);  dh_step = dh_t;  dhy[t] = valid ? dh_t : 0 (proj)
 //          dh = valid ? 0 : dh_t   (a padded step passes dh through unchanged)
 //   units: dr = proj ? dh_step W_hr[:, own j] : dh_step[own j];  cell backward -> dgx[t], dgh[t],
-//          dgh_step[s % 2], dc;  gru: dh += valid ? dh_t * z : 0 (the direct path)
+//          dgh_step[s % 2], dgx_step[s % 2], dc;  gru: dh += valid ? dh_t * z : 0 (the direct path)
 // Schemes: persistent = one cooperative launch, weight slices staged in shared memory once, a grid
-// barrier between dependent phases; per_step = one launch per step and phase, weights read from global
-// memory (chosen when the slices do not fit on chip with every block resident).
+// barrier between dependent phases; per_step = one launch per super-step and phase, weights read from
+// global memory (chosen when the slices do not fit on chip with every block resident).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -34,11 +40,14 @@ namespace fusedrnn {
 enum Phase : int { kUnits = 1, kOuts = 2, kBoth = 3 };
 
 struct Layout {
-  int U, Up;  // hidden units and output features per block
+  int U, Up;      // hidden units and output features per block
+  int per_layer;  // blocks per layer
 };
 
 __host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int own_layer(const Layout& L) { return blockIdx.x / L.per_layer; }
+__device__ __forceinline__ int own_block(const Layout& L) { return blockIdx.x % L.per_layer; }
 __device__ __forceinline__ int time_of(const Shape& sh, int s) { return sh.reverse ? sh.T - 1 - s : s; }
 __device__ __forceinline__ bool is_valid(const Shape& sh, int t, int b) {
   return sh.lengths == nullptr || t < sh.lengths[b];
@@ -51,6 +60,19 @@ __device__ __forceinline__ int prev_time(const Shape& sh, int t) {
 __device__ __forceinline__ size_t at(const Shape& sh, int t, int b, int width) {
   return (static_cast<size_t>(t) * sh.B + b) * width;
 }
+// Slot k of a (2, B, width) buffer.
+__device__ __forceinline__ size_t slot(const Shape& sh, int k, int width) {
+  return static_cast<size_t>(k & 1) * sh.B * width;
+}
+
+// Gate-sum rows of shared memory per batch row: the unit phase's (the input side's too above layer 0) and
+// the out phase's (the layer above's input gradient too, below the top). Host and device agree through it.
+__host__ __device__ inline int forward_acc_rows(int G, const Layout& L, int layers) {
+  return imax((layers > 1 ? 2 : 1) * G * L.U, L.Up);
+}
+__host__ __device__ inline int backward_acc_rows(const Layout& L, int layers) {
+  return imax((layers > 1 ? 2 : 1) * L.Up, L.U);
+}
 
 template <bool kGrid>
 __device__ __forceinline__ void grid_barrier() {
@@ -60,12 +82,12 @@ __device__ __forceinline__ void grid_barrier() {
 // The slices a block owns. Units: rows g*H + j of a (G*H, K) matrix; outs: rows p of a (P, K) matrix.
 template <class T>
 __device__ GlobalRows<T> unit_rows(const void* w, int K, const Shape& sh, const Layout& L) {
-  const int start = blockIdx.x * L.U;
+  const int start = own_block(L) * L.U;
   return GlobalRows<T>{static_cast<const T*>(w), K, L.U, imin(L.U, sh.H - start), start, sh.H};
 }
 template <class T>
 __device__ GlobalRows<T> out_rows(const void* w, int K, const Shape& sh, const Layout& L) {
-  const int start = blockIdx.x * L.Up;
+  const int start = own_block(L) * L.Up;
   return GlobalRows<T>{static_cast<const T*>(w), K, L.Up, imin(L.Up, sh.P - start), start, 0};
 }
 
@@ -79,181 +101,231 @@ __device__ __forceinline__ void for_tile(int b0, int nb, int U, int n, Fn fn) {
   }
 }
 
-// One phase over all batch tiles: acc = vec-rows products (skipped when R == 0), then fn per (b, u).
-template <class T, class Rows, class Fn>
-__device__ void phase(const Rows& rows, int R, int K, const float* vec, int B, int U, int n, float* acc, Fn fn) {
+// One phase over all batch tiles: products(b0, nb) fills the tile's gate sums (block_matvec calls; returns
+// whether it ran any), then fn per (b, u).
+template <class Products, class Fn>
+__device__ void phase(int B, int U, int n, Products products, Fn fn) {
   if (n <= 0) return;  // a block past the end of H or P (uniform across the block)
   for (int b0 = 0; b0 < B; b0 += kBatchTile) {
     const int nb = imin(kBatchTile, B - b0);
-    if (R > 0) {
-      block_matvec<T>(rows, R, K, vec + static_cast<size_t>(b0) * K, K, nb, acc);
-      __syncthreads();
-    }
+    if (products(b0, nb)) __syncthreads();
     for_tile(b0, nb, U, n, fn);
     __syncthreads();
   }
 }
 
-// Runs steps [s_begin, s_end) as step(rows_a, rows_b, s, acc). Persistent (kOnChip): the block's two
-// weight slices (R_a and R_b rows) are staged into shared memory after acc's acc_rows x kBatchTile floats,
-// once, and a grid barrier closes every step. Per step: the slices are read from global memory.
+// Runs super-steps [s_begin, s_end) as step(rows_a, rows_b, rows_c, S, acc). Persistent (kOnChip): the
+// block's three weight slices (R_a, R_b, R_c rows) are staged into shared memory after acc's acc_rows x
+// kBatchTile floats, once, and a grid barrier closes every super-step. Per step: read from global memory.
 template <class T, bool kOnChip, class Step>
-__device__ void run_steps(const GlobalRows<T>& a, int R_a, const GlobalRows<T>& b, int R_b, int acc_rows, int s_begin,
-                          int s_end, Step step) {
+__device__ void run_steps(const GlobalRows<T>& a, int R_a, const GlobalRows<T>& b, int R_b, const GlobalRows<T>& c,
+                          int R_c, int acc_rows, int s_begin, int s_end, Step step) {
   extern __shared__ float4 smem4[];  // float4: 16-byte alignment for what follows
   float* acc = reinterpret_cast<float*>(smem4);
   if constexpr (kOnChip) {
     T* w = reinterpret_cast<T*>(acc + kBatchTile * acc_rows);
     const SharedRows<T> a_s = stage_rows(a, R_a, w);
     const SharedRows<T> b_s = stage_rows(b, R_b, w + static_cast<size_t>(R_a) * a.K);
+    const SharedRows<T> c_s = stage_rows(c, R_c, w + static_cast<size_t>(R_a) * a.K + static_cast<size_t>(R_b) * b.K);
     __syncthreads();
     for (int s = s_begin; s < s_end; ++s) {
-      step(a_s, b_s, s, acc);
+      step(a_s, b_s, c_s, s, acc);
       grid_barrier<true>();
     }
   } else {
-    for (int s = s_begin; s < s_end; ++s) step(a, b, s, acc);
+    for (int s = s_begin; s < s_end; ++s) step(a, b, c, s, acc);
   }
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
-template <class Cell, class T, bool kGrid, class HhRows, class HrRows>
-__device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows& hh, const HrRows& hr, int s,
-                             int phases, float* acc) {
+template <class Cell, class T, bool kGrid, class HhRows, class IhRows, class HrRows>
+__device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows& hh, const IhRows& ih,
+                             const HrRows& hr, int s, bool active, bool proj, int phases, float* acc) {
   constexpr int G = Cell::G;
   const Shape& sh = a.shape;
   const int t = time_of(sh, s), H = sh.H, P = sh.P, GH = G * H;
-  const float* h_prev = a.h + static_cast<size_t>(s & 1) * sh.B * P;
-  float* h_next = a.h + static_cast<size_t>((s + 1) & 1) * sh.B * P;
-  const bool proj = a.w_hr != nullptr;
+  const float* h_prev = a.h + slot(sh, s, P);
+  float* h_next = a.h + slot(sh, s + 1, P);
   const T* gx = static_cast<const T*>(a.gx);
+  const T* b_ih = static_cast<const T*>(a.b_ih);
   const T* b_hh = static_cast<const T*>(a.b_hh);
+  const T* mask = static_cast<const T*>(a.mask);
   T* ws = static_cast<T*>(a.ws);
   T* y = static_cast<T*>(a.y);
-  auto emit = [&](int b, int p, float h_new) {  // hold, then publish h_t
-    const float h = is_valid(sh, t, b) ? h_new : h_prev[static_cast<size_t>(b) * P + p];
-    h_next[static_cast<size_t>(b) * P + p] = h;
+  auto emit = [&](int b, int p, float h_new) {  // hold, then publish h_t (and the masked copy for the layer above)
+    const size_t i = static_cast<size_t>(b) * P + p;
+    const float h = is_valid(sh, t, b) ? h_new : h_prev[i];
+    h_next[i] = h;
     y[at(sh, t, b, P) + p] = from_float<T>(h);
+    if (mask) a.x_out[slot(sh, s + 1, P) + i] = h * to_float(mask[at(sh, t, b, P) + p]);
   };
-  const int j0 = blockIdx.x * L.U, R = G * L.U;
-  if (phases & kUnits) {
-    phase<T>(hh, R, P, h_prev, sh.B, L.U, imin(L.U, H - j0), acc, [&](int bl, int b, int u) {
-      const int j = j0 + u;
-      float gxv[G], ghv[G], act[Cell::WS > 0 ? Cell::WS : 1];
+  const int j0 = own_block(L) * L.U, R = G * L.U;
+  if (active && (phases & kUnits)) {
+    const float* x_in = a.x_in ? a.x_in + slot(sh, s + 1, P) : nullptr;  // the layer below's step s
+    float* acc_x = acc + kBatchTile * R;
+    phase(
+        sh.B, L.U, imin(L.U, H - j0),
+        [&](int b0, int nb) {
+          block_matvec<T>(hh, R, P, h_prev + static_cast<size_t>(b0) * P, P, nb, acc);
+          if (x_in) block_matvec<T>(ih, R, P, x_in + static_cast<size_t>(b0) * P, P, nb, acc_x);
+          return true;
+        },
+        [&](int bl, int b, int u) {
+          const int j = j0 + u;
+          float gxv[G], ghv[G], act[Cell::WS > 0 ? Cell::WS : 1];
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        gxv[g] = to_float(gx[at(sh, t, b, GH) + g * H + j]);
-        ghv[g] = acc[bl * R + g * L.U + u] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
-      }
-      const float hp = Cell::kNeedsHPrev ? h_prev[static_cast<size_t>(b) * P + j] : 0.f;
-      float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
-      const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
-      if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
+          for (int g = 0; g < G; ++g) {
+            gxv[g] = x_in ? acc_x[bl * R + g * L.U + u] + (b_ih ? to_float(b_ih[g * H + j]) : 0.f)
+                          : to_float(gx[at(sh, t, b, GH) + g * H + j]);
+            ghv[g] = acc[bl * R + g * L.U + u] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
+          }
+          const float hp = Cell::kNeedsHPrev ? h_prev[static_cast<size_t>(b) * P + j] : 0.f;
+          float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
+          const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
+          if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
 #pragma unroll
-      for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
-      if (proj)
-        a.r[static_cast<size_t>(b) * H + j] = r;
-      else
-        emit(b, j, r);
-    });
+          for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
+          if (proj)
+            a.r[static_cast<size_t>(b) * H + j] = r;
+          else
+            emit(b, j, r);
+        });
   }
   if (!proj) return;
   grid_barrier<kGrid>();
-  if (phases & kOuts) {
-    const int p0 = blockIdx.x * L.Up;
-    phase<T>(hr, L.Up, H, a.r, sh.B, L.Up, imin(L.Up, P - p0), acc,
-             [&](int bl, int b, int u) { emit(b, p0 + u, acc[bl * L.Up + u]); });
+  if (active && (phases & kOuts)) {
+    const int p0 = own_block(L) * L.Up;
+    phase(
+        sh.B, L.Up, imin(L.Up, P - p0),
+        [&](int b0, int nb) {
+          block_matvec<T>(hr, L.Up, H, a.r + static_cast<size_t>(b0) * H, H, nb, acc);
+          return true;
+        },
+        [&](int bl, int b, int u) { emit(b, p0 + u, acc[bl * L.Up + u]); });
   }
 }
 
 template <class Cell, class T, bool kOnChip>
 __global__ void __launch_bounds__(kThreads, 1)
-    forward_kernel(ForwardArgs a, Layout L, int s_begin, int s_end, int phases) {
+    forward_kernel(const __grid_constant__ StackForwardArgs args, Layout L, int s_begin, int s_end, int phases) {
+  const int layer = own_layer(L);
+  const ForwardArgs& a = args.layer[layer];
   const Shape& sh = a.shape;
   const int R = Cell::G * L.U;
-  run_steps<T, kOnChip>(unit_rows<T>(a.w_hh, sh.P, sh, L), R, out_rows<T>(a.w_hr, sh.H, sh, L), a.w_hr ? L.Up : 0,
-                        imax(R, L.Up), s_begin, s_end, [&](const auto& hh, const auto& hr, int s, float* acc) {
-                          forward_step<Cell, T, kOnChip>(a, L, hh, hr, s, phases, acc);
+  const bool proj = a.w_hr != nullptr;  // the same in every layer
+  run_steps<T, kOnChip>(unit_rows<T>(a.w_hh, sh.P, sh, L), R, unit_rows<T>(a.w_ih, sh.P, sh, L), a.x_in ? R : 0,
+                        out_rows<T>(a.w_hr, sh.H, sh, L), proj ? L.Up : 0, forward_acc_rows(Cell::G, L, args.L),
+                        s_begin, s_end, [&](const auto& hh, const auto& ih, const auto& hr, int S, float* acc) {
+                          const int s = S - layer;
+                          forward_step<Cell, T, kOnChip>(a, L, hh, ih, hr, s, s >= 0 && s < sh.T, proj, phases, acc);
                         });
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
-template <class Cell, class T, bool kGrid, class HhRows, class HrRows>
-__device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRows& hhT, const HrRows& hrT, int s,
-                              int phases, float* acc) {
+template <class Cell, class T, bool kGrid, class HhRows, class IhRows, class HrRows>
+__device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRows& hhT, const IhRows& ihT_up,
+                              const HrRows& hrT, int s, bool active, bool proj, int phases, float* acc) {
   constexpr int G = Cell::G, WS = Cell::WS;
   const Shape& sh = a.shape;
   const int H = sh.H, P = sh.P, GH = G * H;
-  const bool proj = a.w_hrT != nullptr, last = s == sh.T;
+  const bool last = s == sh.T;
   const int t = last ? -1 : time_of(sh, sh.T - 1 - s);  // backward step s undoes forward step T-1-s
-  const int p0 = blockIdx.x * L.Up, j0 = blockIdx.x * L.U;
-  if (phases & kOuts) {
-    const float* dgh_prev = a.dgh_step + static_cast<size_t>((s + 1) & 1) * sh.B * GH;
+  const int p0 = own_block(L) * L.Up, j0 = own_block(L) * L.U;
+  if (active && (phases & kOuts)) {
+    const float* dgh_prev = a.dgh_step + slot(sh, s + 1, GH);
+    const float* dgx_up = a.dgx_up && !last ? a.dgx_up + slot(sh, s, GH) : nullptr;  // the layer above's step s
+    float* acc_up = acc + kBatchTile * L.Up;
     const T* dy = static_cast<const T*>(a.dy);
+    const T* mask = static_cast<const T*>(a.mask);
     T* dhy = static_cast<T*>(a.dhy);
-    phase<T>(hhT, s > 0 ? L.Up : 0, GH, dgh_prev, sh.B, L.Up, imin(L.Up, P - p0), acc, [&](int bl, int b, int u) {
-      const size_t i = static_cast<size_t>(b) * P + p0 + u;
-      const float dh = a.dh[i] + (s > 0 ? acc[bl * L.Up + u] : 0.f);
-      if (last) {
-        a.dh[i] = dh;
-        return;
-      }
-      const bool valid = is_valid(sh, t, b);
-      const float dh_t = dh + (valid ? to_float(dy[at(sh, t, b, P) + p0 + u]) : 0.f);
-      a.dh_step[i] = dh_t;
-      if (dhy) dhy[at(sh, t, b, P) + p0 + u] = from_float<T>(valid ? dh_t : 0.f);
-      a.dh[i] = valid ? 0.f : dh_t;
-    });
+    phase(
+        sh.B, L.Up, imin(L.Up, P - p0),
+        [&](int b0, int nb) {
+          if (s > 0) block_matvec<T>(hhT, L.Up, GH, dgh_prev + static_cast<size_t>(b0) * GH, GH, nb, acc);
+          if (dgx_up) block_matvec<T>(ihT_up, L.Up, GH, dgx_up + static_cast<size_t>(b0) * GH, GH, nb, acc_up);
+          return s > 0 || dgx_up;
+        },
+        [&](int bl, int b, int u) {
+          const size_t i = static_cast<size_t>(b) * P + p0 + u;
+          const float dh = a.dh[i] + (s > 0 ? acc[bl * L.Up + u] : 0.f);
+          if (last) {
+            a.dh[i] = dh;
+            return;
+          }
+          const bool valid = is_valid(sh, t, b);
+          float dy_t = to_float(dy[at(sh, t, b, P) + p0 + u]);
+          if (dgx_up) dy_t += (mask ? to_float(mask[at(sh, t, b, P) + p0 + u]) : 1.f) * acc_up[bl * L.Up + u];
+          const float dh_t = dh + (valid ? dy_t : 0.f);
+          a.dh_step[i] = dh_t;
+          if (dhy) dhy[at(sh, t, b, P) + p0 + u] = from_float<T>(valid ? dh_t : 0.f);
+          a.dh[i] = valid ? 0.f : dh_t;
+        });
   }
-  if (last) return;
   if (proj)
     grid_barrier<kGrid>();
   else
     __syncthreads();
-  if (!(phases & kUnits)) return;
+  if (!active || last || !(phases & kUnits)) return;
   const T* ws = static_cast<const T*>(a.ws);
   const T* y = static_cast<const T*>(a.y);
   const T* c0 = static_cast<const T*>(a.c0);
   const T* h0 = static_cast<const T*>(a.h0);
   T* dgx = static_cast<T*>(a.dgx);
   T* dgh = static_cast<T*>(a.dgh);
-  float* dgh_step = a.dgh_step + static_cast<size_t>(s & 1) * sh.B * GH;
+  float* dgh_step = a.dgh_step + slot(sh, s, GH);
+  float* dgx_step = a.dgx_step ? a.dgx_step + slot(sh, s, GH) : nullptr;
   const int tp = prev_time(sh, t);
-  phase<T>(hrT, proj ? L.U : 0, P, a.dh_step, sh.B, L.U, imin(L.U, H - j0), acc, [&](int bl, int b, int u) {
-    const int j = j0 + u;
-    const bool valid = is_valid(sh, t, b);
-    const float dr = proj ? acc[bl * L.U + u] : a.dh_step[static_cast<size_t>(b) * P + j];
-    float act[WS > 0 ? WS : 1], dgxv[G], dghv[G];
+  phase(
+      sh.B, L.U, imin(L.U, H - j0),
+      [&](int b0, int nb) {
+        if (proj) block_matvec<T>(hrT, L.U, P, a.dh_step + static_cast<size_t>(b0) * P, P, nb, acc);
+        return proj;
+      },
+      [&](int bl, int b, int u) {
+        const int j = j0 + u;
+        const bool valid = is_valid(sh, t, b);
+        const float dr = proj ? acc[bl * L.U + u] : a.dh_step[static_cast<size_t>(b) * P + j];
+        float act[WS > 0 ? WS : 1], dgxv[G], dghv[G];
 #pragma unroll
-    for (int w = 0; w < WS; ++w) act[w] = to_float(ws[at(sh, t, b, WS * H) + w * H + j]);
-    float c_prev = 0.f, h_prev = 0.f, h = 0.f, dc = 0.f;
-    if (Cell::kHasC) {
-      c_prev = to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : ws[at(sh, tp, b, WS * H) + Cell::kCSlot * H + j]);
-      dc = a.dc[static_cast<size_t>(b) * H + j];
-    }
-    if (Cell::kNeedsHPrev) h_prev = to_float(tp < 0 ? h0[static_cast<size_t>(b) * P + j] : y[at(sh, tp, b, P) + j]);
-    if (Cell::kNeedsH) h = to_float(y[at(sh, t, b, P) + j]);
-    const float direct = Cell::backward(dr, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
-    if (Cell::kHasC) a.dc[static_cast<size_t>(b) * H + j] = dc;
+        for (int w = 0; w < WS; ++w) act[w] = to_float(ws[at(sh, t, b, WS * H) + w * H + j]);
+        float c_prev = 0.f, h_prev = 0.f, h = 0.f, dc = 0.f;
+        if (Cell::kHasC) {
+          c_prev =
+              to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : ws[at(sh, tp, b, WS * H) + Cell::kCSlot * H + j]);
+          dc = a.dc[static_cast<size_t>(b) * H + j];
+        }
+        if (Cell::kNeedsHPrev) h_prev = to_float(tp < 0 ? h0[static_cast<size_t>(b) * P + j] : y[at(sh, tp, b, P) + j]);
+        if (Cell::kNeedsH) h = to_float(y[at(sh, t, b, P) + j]);
+        const float direct = Cell::backward(dr, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
+        if (Cell::kHasC) a.dc[static_cast<size_t>(b) * H + j] = dc;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {  // select, never multiply: NaN/Inf of padding stays out
-      const float dx = valid ? dgxv[g] : 0.f, dhh = valid ? dghv[g] : 0.f;
-      dgx[at(sh, t, b, GH) + g * H + j] = from_float<T>(dx);
-      if (dgh) dgh[at(sh, t, b, GH) + g * H + j] = from_float<T>(dhh);
-      dgh_step[static_cast<size_t>(b) * GH + g * H + j] = dhh;
-    }
-    if (Cell::kDirect && valid) a.dh[static_cast<size_t>(b) * P + j] += direct;
-  });
+        for (int g = 0; g < G; ++g) {  // select, never multiply: NaN/Inf of padding stays out
+          const float dx = valid ? dgxv[g] : 0.f, dhh = valid ? dghv[g] : 0.f;
+          const size_t k = static_cast<size_t>(b) * GH + g * H + j;
+          dgx[at(sh, t, b, GH) + g * H + j] = from_float<T>(dx);
+          if (dgh) dgh[at(sh, t, b, GH) + g * H + j] = from_float<T>(dhh);
+          dgh_step[k] = dhh;
+          if (dgx_step) dgx_step[k] = dx;
+        }
+        if (Cell::kDirect && valid) a.dh[static_cast<size_t>(b) * P + j] += direct;
+      });
 }
 
 template <class Cell, class T, bool kOnChip>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_kernel(BackwardArgs a, Layout L, int s_begin, int s_end, int phases) {
+    backward_kernel(const __grid_constant__ StackBackwardArgs args, Layout L, int s_begin, int s_end, int phases) {
+  const int layer = own_layer(L), delay = args.L - 1 - layer;  // the top layer starts the backward
+  const BackwardArgs& a = args.layer[layer];
   const Shape& sh = a.shape;
-  run_steps<T, kOnChip>(out_rows<T>(a.w_hhT, Cell::G * sh.H, sh, L), L.Up, unit_rows<T>(a.w_hrT, sh.P, sh, L),
-                        a.w_hrT ? L.U : 0, imax(L.Up, L.U), s_begin, s_end,
-                        [&](const auto& hhT, const auto& hrT, int s, float* acc) {
-                          backward_step<Cell, T, kOnChip>(a, L, hhT, hrT, s, phases, acc);
+  const int GH = Cell::G * sh.H;
+  const bool proj = a.w_hrT != nullptr;
+  run_steps<T, kOnChip>(out_rows<T>(a.w_hhT, GH, sh, L), L.Up, out_rows<T>(a.w_ihT_up, GH, sh, L),
+                        a.w_ihT_up ? L.Up : 0, unit_rows<T>(a.w_hrT, sh.P, sh, L), proj ? L.U : 0,
+                        backward_acc_rows(L, args.L), s_begin, s_end,
+                        [&](const auto& hhT, const auto& ihT_up, const auto& hrT, int S, float* acc) {
+                          const int s = S - delay;
+                          backward_step<Cell, T, kOnChip>(a, L, hhT, ihT_up, hrT, s, s >= 0 && s <= sh.T, proj,
+                                                          phases, acc);
                         });
 }
 
@@ -273,29 +345,31 @@ struct Plan {
   bool persistent;
 };
 
-// Per-step layout: 8 units per block (32 LSTM gate rows) and as many blocks as that takes.
-inline Layout per_step_layout(const Shape& sh) {
-  const int blocks = ceil_div(sh.H, 8);
-  return Layout{8, ceil_div(sh.P, blocks)};
+// A layout of U units and Up outputs per block, with as many blocks per layer as that takes.
+inline Layout layout_of(const Shape& sh, int U, int Up) {
+  return Layout{U, Up, imax(ceil_div(sh.H, U), ceil_div(sh.P, Up))};
 }
 
-// Persistent layout: spread units and outputs over at most one block per multiprocessor.
-inline Layout persistent_layout(const Shape& sh, int sms) { return Layout{ceil_div(sh.H, sms), ceil_div(sh.P, sms)}; }
+// Per-step layout: 8 units per block (32 LSTM gate rows) and as many blocks as that takes.
+inline Layout per_step_layout(const Shape& sh) { return layout_of(sh, 8, ceil_div(sh.P, ceil_div(sh.H, 8))); }
 
-inline int blocks_for(const Shape& sh, const Layout& L) { return imax(ceil_div(sh.H, L.U), ceil_div(sh.P, L.Up)); }
+// Persistent layout: spread each layer's units and outputs over an equal share of the multiprocessors.
+inline Layout persistent_layout(const Shape& sh, int blocks) {
+  return layout_of(sh, ceil_div(sh.H, blocks), ceil_div(sh.P, blocks));
+}
 
-// Decide the scheme. `acc_rows(L)` and `weights(L)` size the kernel's shared memory for a layout.
+// Decide the scheme for `layers` layers. `acc_rows(L)` and `weights(L)` size the kernel's shared memory.
 template <class T, class Kernel, class AccRows, class Weights>
-cudaError_t make_plan(Kernel persistent_kernel, const Shape& sh, Scheme scheme, AccRows acc_rows, Weights weights,
-                      Plan* plan) {
+cudaError_t make_plan(Kernel persistent_kernel, const Shape& sh, int layers, Scheme scheme, AccRows acc_rows,
+                      Weights weights, Plan* plan) {
   int device = 0, sms = 0, optin = 0, coop = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   if (err) return err;
-  if (scheme != Scheme::per_step && coop) {
-    const Layout L = persistent_layout(sh, sms);
+  if (scheme != Scheme::per_step && coop && sms >= layers) {
+    const Layout L = persistent_layout(sh, sms / layers);
     const size_t smem = smem_bytes<T>(acc_rows(L), weights(L));
     int per_sm = 0;
     if (smem <= static_cast<size_t>(optin)) {
@@ -304,77 +378,73 @@ cudaError_t make_plan(Kernel persistent_kernel, const Shape& sh, Scheme scheme, 
       if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
       if (err) return err;
     }
-    const int blocks = blocks_for(sh, L);
-    if (per_sm * sms >= blocks) {
-      *plan = Plan{L, blocks, smem, true};
+    if (per_sm * sms >= layers * L.per_layer) {
+      *plan = Plan{L, layers * L.per_layer, smem, true};
       return cudaSuccess;
     }
   }
   if (scheme == Scheme::persistent) return cudaErrorCooperativeLaunchTooLarge;
   const Layout L = per_step_layout(sh);
-  *plan = Plan{L, blocks_for(sh, L), smem_bytes<T>(acc_rows(L), 0), false};
+  *plan = Plan{L, layers * L.per_layer, smem_bytes<T>(acc_rows(L), 0), false};
   return cudaSuccess;
 }
 
 template <class Kernel, class Args>
-cudaError_t launch_cooperative(Kernel kernel, const Plan& p, const Args& args, int s_end, cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, const Plan& p, const Args& args, int s_begin, int s_end, int phases,
+                   cudaStream_t stream) {
   Args a = args;
   Layout L = p.L;
-  int s_begin = 0, phases = kBoth;
   void* params[] = {&a, &L, &s_begin, &s_end, &phases};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), p.blocks, kThreads, params, p.smem,
-                                     stream);
-}
-
-template <class Kernel, class Args>
-cudaError_t launch_step(Kernel kernel, const Plan& p, const Args& args, int s, int phases, cudaStream_t stream) {
-  Args a = args;
-  Layout L = p.L;
-  int s_end = s + 1;
-  void* params[] = {&a, &L, &s, &s_end, &phases};
-  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), p.blocks, kThreads, params, p.smem, stream);
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  return p.persistent ? cudaLaunchCooperativeKernel(fn, p.blocks, kThreads, params, p.smem, stream)
+                      : cudaLaunchKernel(fn, p.blocks, kThreads, params, p.smem, stream);
 }
 
 template <class Cell, class T>
-cudaError_t launch_forward(const ForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
-  const Shape& sh = a.shape;
+cudaError_t launch_forward(const StackForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+  const Shape& sh = a.layer[0].shape;
   if (sh.T == 0 || sh.B == 0) return cudaSuccess;
-  const bool proj = a.w_hr != nullptr;
+  const bool proj = a.layer[0].w_hr != nullptr;
+  const int steps = sh.T + a.L - 1;  // super-steps of the wavefront
   Plan p;
   cudaError_t err = make_plan<T>(
-      forward_kernel<Cell, T, true>, sh, scheme, [&](const Layout& L) { return imax(Cell::G * L.U, L.Up); },
+      forward_kernel<Cell, T, true>, sh, a.L, scheme,
+      [&](const Layout& L) { return forward_acc_rows(Cell::G, L, a.L); },
       [&](const Layout& L) {
-        return static_cast<size_t>(Cell::G) * L.U * sh.P + (proj ? static_cast<size_t>(L.Up) * sh.H : 0);
+        const size_t rows = static_cast<size_t>(Cell::G) * L.U * (a.L > 1 ? 2 : 1);  // W_hh (and W_ih) slices
+        return rows * sh.P + (proj ? static_cast<size_t>(L.Up) * sh.H : 0);
       },
       &p);
   if (err) return err;
   *used = p.persistent ? Scheme::persistent : Scheme::per_step;
-  if (p.persistent) return launch_cooperative(forward_kernel<Cell, T, true>, p, a, sh.T, stream);
-  for (int s = 0; s < sh.T && !err; ++s) {
-    err = launch_step(forward_kernel<Cell, T, false>, p, a, s, kUnits, stream);
-    if (proj && !err) err = launch_step(forward_kernel<Cell, T, false>, p, a, s, kOuts, stream);
+  if (p.persistent) return launch(forward_kernel<Cell, T, true>, p, a, 0, steps, kBoth, stream);
+  for (int s = 0; s < steps && !err; ++s) {
+    err = launch(forward_kernel<Cell, T, false>, p, a, s, s + 1, kUnits, stream);
+    if (proj && !err) err = launch(forward_kernel<Cell, T, false>, p, a, s, s + 1, kOuts, stream);
   }
   return err;
 }
 
 template <class Cell, class T>
-cudaError_t launch_backward(const BackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
-  const Shape& sh = a.shape;
+cudaError_t launch_backward(const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+  const Shape& sh = a.layer[0].shape;
   if (sh.T == 0 || sh.B == 0) return cudaSuccess;
-  const bool proj = a.w_hrT != nullptr;
+  const bool proj = a.layer[0].w_hrT != nullptr;
+  const int steps = sh.T + a.L;  // T + 1 backward steps per layer (the last finishes dh0), in a wavefront
   Plan p;
   cudaError_t err = make_plan<T>(
-      backward_kernel<Cell, T, true>, sh, scheme, [&](const Layout& L) { return imax(L.Up, L.U); },
+      backward_kernel<Cell, T, true>, sh, a.L, scheme, [&](const Layout& L) { return backward_acc_rows(L, a.L); },
       [&](const Layout& L) {
-        return static_cast<size_t>(L.Up) * Cell::G * sh.H + (proj ? static_cast<size_t>(L.U) * sh.P : 0);
+        const size_t rows = static_cast<size_t>(L.Up) * (a.L > 1 ? 2 : 1);  // W_hh^T (and W_ih_up^T) slices
+        return rows * Cell::G * sh.H + (proj ? static_cast<size_t>(L.U) * sh.P : 0);
       },
       &p);
   if (err) return err;
   *used = p.persistent ? Scheme::persistent : Scheme::per_step;
-  if (p.persistent) return launch_cooperative(backward_kernel<Cell, T, true>, p, a, sh.T + 1, stream);
-  for (int s = 0; s <= sh.T && !err; ++s) {
-    err = launch_step(backward_kernel<Cell, T, false>, p, a, s, kOuts, stream);
-    if (s < sh.T && !err) err = launch_step(backward_kernel<Cell, T, false>, p, a, s, kUnits, stream);
+  if (p.persistent) return launch(backward_kernel<Cell, T, true>, p, a, 0, steps, kBoth, stream);
+  for (int s = 0; s < steps && !err; ++s) {
+    err = launch(backward_kernel<Cell, T, false>, p, a, s, s + 1, kOuts, stream);
+    if (s + 1 < steps && !err) err = launch(backward_kernel<Cell, T, false>, p, a, s, s + 1, kUnits, stream);
   }
   return err;
 }
@@ -394,14 +464,14 @@ cudaError_t by_dtype(Dtype dtype, Launch launch) {
 }
 
 template <class Cell>
-cudaError_t run_forward(Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t run_forward(Dtype dtype, const StackForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return by_dtype(dtype, [&](auto tag) {
     return launch_forward<Cell, decltype(tag)>(a, scheme, stream, used);
   });
 }
 
 template <class Cell>
-cudaError_t run_backward(Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
+cudaError_t run_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return by_dtype(dtype, [&](auto tag) {
     return launch_backward<Cell, decltype(tag)>(a, scheme, stream, used);
   });

@@ -22,13 +22,13 @@ struct RnnCell {
   }
 };
 
-cudaError_t rnn_forward(bool relu, Dtype dtype, const ForwardArgs& a, Scheme scheme, cudaStream_t stream,
+cudaError_t rnn_forward(bool relu, Dtype dtype, const StackForwardArgs& a, Scheme scheme, cudaStream_t stream,
                         Scheme* used) {
   return relu ? run_forward<RnnCell<true>>(dtype, a, scheme, stream, used)
               : run_forward<RnnCell<false>>(dtype, a, scheme, stream, used);
 }
 
-cudaError_t rnn_backward(bool relu, Dtype dtype, const BackwardArgs& a, Scheme scheme, cudaStream_t stream,
+cudaError_t rnn_backward(bool relu, Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream,
                          Scheme* used) {
   return relu ? run_backward<RnnCell<true>>(dtype, a, scheme, stream, used)
               : run_backward<RnnCell<false>>(dtype, a, scheme, stream, used);

@@ -40,6 +40,15 @@ def get(name):
     return importlib.import_module(_MODULES[name])
 
 
+# The backends whose modules implement reference.py's stack contract (a unidirectional stack in one call);
+# a constant, not a module lookup, so that torch.compile traces the choice (tests check it against the modules).
+STACK_BACKENDS = ("reference", "cuda")
+
+
+def runs_stacks(name):
+    return name in STACK_BACKENDS
+
+
 def _reason(name, device_type, dtype, mode):
     try:
         return get(name).unavailable_reason(device_type, dtype, mode)

@@ -1,4 +1,4 @@
-"""CUDA C++ backend: persistent fused recurrences (csrc/), one call per layer-direction.
+"""CUDA C++ backend: persistent fused recurrences (csrc/), one call per layer-direction or unidirectional stack.
 
 The contract (shapes, lengths' hold rule, what ws holds) is fusedrnn/reference.py's; this backend's ws
 has the reference's layout, so ``workspace_shape`` is the reference's. The compiled module is
@@ -9,9 +9,10 @@ built on first use with torch.utils.cpp_extension.load and ninja (cached by torc
 
 How the recurrence runs (csrc/recurrence.cuh): one cooperative kernel per sequence with the recurrent
 weights split over the thread blocks and held in shared memory ("persistent"), or, where they do not fit
-on chip, one launch per step reading them from global memory ("per_step"). ``SCHEME`` forces one
-(tests, benchmarks); "auto" picks persistent whenever it fits. ``POISON`` (tests) fills every buffer the
-kernels write with NaN first, so an element a kernel never wrote shows up as NaN.
+on chip, one launch per step reading them from global memory ("per_step"). A unidirectional stack runs as
+one wavefront (layer l at step t alongside layer l + 1 at step t - 1: T + L - 1 steps, not L * T).
+``SCHEME`` forces one (tests, benchmarks); "auto" picks persistent whenever it fits. ``POISON`` (tests) fills
+every buffer the kernels write with NaN first, so an element a kernel never wrote shows up as NaN.
 """
 
 import functools
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import reference
 from .reference import workspace_shape  # noqa: F401  (same ws layout as the reference)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,11 +97,32 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sav
 
 
 def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    # The binding computes dx regardless (one cuBLAS GEMM); skipping it there waits for a GPU to test it on.
-    dx, *rest = _ext().backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, SCHEME, POISON
+    return _ext().backward(
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx, SCHEME, POISON
     )
-    return (dx if need_dx else None, *rest)
+
+
+def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
+    """A unidirectional stack (reference.py's stack contract) as one wavefront launch: layer l runs step t while
+    layer l + 1 runs step t - 1. Deeper stacks than one launch holds run layer by layer."""
+    if len(w_ih) > _ext().max_layers:
+        return reference.stack_forward_by_layers(forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks,
+                                                 lengths, save)
+    ys, h_n, c_n, ws = _ext().stack_forward(
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, False, SCHEME, POISON
+    )
+    return ys, h_n, c_n, ws if save else ws.new_empty(0)
+
+
+def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
+                   need_dx=True):
+    if len(w_ih) > _ext().max_layers:
+        return reference.stack_backward_by_layers(backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks,
+                                                  lengths, ys, ws, dys, dh_n, dc_n, need_dx)
+    return _ext().stack_backward(
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, False, ys, ws, dys, dh_n, dc_n, need_dx,
+        SCHEME, POISON,
+    )
 
 
 def last_scheme():

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backend as backends
-from .ops import compute_dtype, run_layer
+from .ops import compute_dtype, run_layer, run_stack
 
 
 class _Fused:
@@ -119,6 +119,8 @@ class _Fused:
         else:
             name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
         self.last_backend = name
+        if self._runs_as_stack(name):
+            return self._run_stack(x, h0, c0, lengths, mode, name)
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()
         h_n, c_n = [], []
@@ -138,6 +140,24 @@ class _Fused:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
         return layer_input, hidden
+
+    def _runs_as_stack(self, name):
+        """A unidirectional stack goes to the backend in one call where it can run one (CUDA's wavefront)."""
+        if self.bidirectional or self.num_layers == 1 or not backends.runs_stacks(name):
+            return False
+        present = [[w is not None for w in self._layer_weights(layer)] for layer in range(self.num_layers)]
+        return all(p == present[0] for p in present)  # the same parameters in every layer (always, in torch.nn)
+
+    def _run_stack(self, x, h0, c0, lengths, mode, name):
+        """_run for a unidirectional stack. The dropout masks are drawn up front, one F.dropout per layer
+        boundary in layer order: the same random draws as dropping each layer's output in turn."""
+        masks = []
+        if self.dropout > 0 and self.training:
+            ones = x.new_ones(x.size(0), x.size(1), self._state_size())
+            masks = [F.dropout(ones, self.dropout, training=True) for _ in range(self.num_layers - 1)]
+        weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+        y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, mode, name)
+        return y, (h_n, c_n) if c0 is not None else (h_n,)
 
 
 class LSTM(_Fused, nn.LSTM):

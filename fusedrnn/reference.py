@@ -35,6 +35,23 @@ Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module e
   the tensor is None.
 Outputs are fresh tensors: none aliases an input or another output (torch.library's rule).
 
+A backend that can run several layers at once (the CUDA backend's wavefront) also exposes the stack contract,
+L unidirectional layers with dropout between them in one call; ops.py uses it for such stacks where the
+backend has it, one forward call per layer otherwise:
+
+  stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True) -> (ys, h_n, c_n, ws)
+  stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
+                 need_dx=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+
+  x: (T, B, I)   h0: (L, B, P)   c0: (L, B, H) or None
+  w_ih, w_hh: lists of L (layer l's as above; layer l > 0 has input size P);  b_ih, b_hh, w_hr: lists of L,
+      or empty lists where absent
+  masks: list of L - 1 (T, B, P) tensors, or empty: layer l + 1 reads layer l's output times masks[l]
+      (dropout's mask, 1/(1-p) scale included)
+  ys: (L, T, B, P) every layer's output (ys[L-1] is the stack's)   h_n: (L, B, P)   c_n: (L, B, H) or None
+  ws: (L, *workspace_shape) or (0,) without save   dys, dh_n, dc_n: like ys, h_n, c_n
+  the gradients of lists are lists (empty where the list is); dx is None without need_dx
+
 This backend's ws: lstm (T, B, 5H) = activated i, f, g, o and c_t (held); gru (T, B, 4H) = r, z, n and
 Bh_n; rnn (T, B, 0) (tanh' and relu' follow from y). Backward is hand-written BPTT: one GEMM per step
 for dh_{t-1}, then the weight and input gradients as GEMMs over the whole sequence.
@@ -241,3 +258,66 @@ def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, b_hh, w_hr, dgx, dgh, dhy, dh
         o, c = ws[:, :, 3 * H : 4 * H], ws[:, :, 4 * H :]
         dw_hr = _sum_of_outer(dhy, o * c.tanh())
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
+# ---- stacks -----------------------------------------------------------------------------------------------
+def _nth(items, index):
+    return items[index] if items else None
+
+
+def _listed(grads, like):
+    """Per-layer gradients as a list, or an empty list where the parameter list is empty (absent)."""
+    return list(grads) if like else []
+
+
+def _layer_input(x, ys, masks, layer):
+    """What layer ``layer`` of a stack reads: x, or the layer below's output times its dropout mask."""
+    if layer == 0:
+        return x
+    return ys[layer - 1] * masks[layer - 1] if masks else ys[layer - 1]
+
+
+def stack_forward_by_layers(layer_forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
+    """The stack contract run as one ``layer_forward`` call (a backend's forward) per layer."""
+    ys, h_n, c_n, ws = [], [], [], []
+    for layer in range(len(w_ih)):
+        y, h, c, w = layer_forward(
+            mode, _layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], w_ih[layer],
+            w_hh[layer], _nth(b_ih, layer), _nth(b_hh, layer), _nth(w_hr, layer), lengths, False, save,
+        )
+        ys.append(y), h_n.append(h), c_n.append(c), ws.append(w)
+    stacked_ws = torch.stack(ws) if save else x.new_empty(0)
+    return torch.stack(ys), torch.stack(h_n), None if c0 is None else torch.stack(c_n), stacked_ws
+
+
+def stack_backward_by_layers(layer_backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws,
+                             dys, dh_n, dc_n, need_dx=True):
+    """The stack's BPTT as one ``layer_backward`` call per layer, top down: layer l's output gradient is dys[l]
+    plus the layer above's input gradient times the mask between them."""
+    L = len(w_ih)
+    per_layer = [None] * L
+    for layer in reversed(range(L)):
+        dy = dys[layer]
+        if layer + 1 < L:
+            above = per_layer[layer + 1][0]
+            dy = dy + (above * masks[layer] if masks else above)
+        per_layer[layer] = layer_backward(
+            mode, _layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], w_ih[layer],
+            w_hh[layer], _nth(b_ih, layer), _nth(b_hh, layer), _nth(w_hr, layer), lengths, False, ys[layer],
+            ws[layer], dy, dh_n[layer], None if dc_n is None else dc_n[layer], need_dx or layer > 0,
+        )
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = zip(*per_layer)
+    return (
+        dx[0] if need_dx else None, torch.stack(dh0), None if c0 is None else torch.stack(dc0), list(dw_ih),
+        list(dw_hh), _listed(db_ih, b_ih), _listed(db_hh, b_hh), _listed(dw_hr, w_hr),
+    )
+
+
+def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
+    return stack_forward_by_layers(forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save)
+
+
+def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
+                   need_dx=True):
+    return stack_backward_by_layers(backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws,
+                                    dys, dh_n, dc_n, need_dx)

@@ -167,3 +167,64 @@ def random_packed(lengths, I, enforce_sorted=False, dtype=torch.float64):
     """A PackedSequence of random sequences with the given lengths (any order)."""
     seqs = [torch.randn(n, I, dtype=dtype) for n in lengths]
     return nn.utils.rnn.pack_sequence(seqs, enforce_sorted=enforce_sorted)
+
+
+# ---- the stack contract (reference.py), called directly ------------------------------------------------
+def random_stack(mode, L, T, B, I, H, P, lengths=None, dropout=True):
+    """Random float64 CPU inputs of a stack call, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths),
+    and cotangents (dys, dh_n, dc_n)."""
+    G = fusedrnn.reference.GATES[mode]
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64) * scale
+
+    def weights(cols):
+        return [rand(G * H, cols(k), scale=cols(k) ** -0.5) for k in range(L)]
+
+    c0 = rand(L, B, H) if mode == "lstm" else None
+    w_hr = [rand(P, H, scale=H**-0.5) for _ in range(L)] if P != H else []
+    masks = [torch.bernoulli(torch.full((T, B, P), 0.6, dtype=torch.float64)) / 0.6 for _ in range(L - 1)]
+    lengths = torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None
+    inputs = (rand(T, B, I), rand(L, B, P), c0, weights(lambda k: I if k == 0 else P), weights(lambda k: P),
+              [rand(G * H) for _ in range(L)], [rand(G * H) for _ in range(L)], w_hr, masks if dropout else [],
+              lengths)
+    return inputs, (rand(L, T, B, P), rand(L, B, P), rand(L, B, H) if mode == "lstm" else None)
+
+
+def stack_results(forward, backward, mode, inputs, cot, dtype, need_dx=True, device="cpu"):
+    """Forward then backward of a stack (the reference's stack signatures) on (dtype, device): outputs and
+    gradients in one flat list, per-layer lists expanded."""
+
+    def cast(t):
+        if isinstance(t, list):
+            return [cast(u) for u in t]
+        if t is None or t.dtype == torch.int64:
+            return t if t is None else t.to(device)
+        return t.to(device=device, dtype=dtype)
+
+    args = [cast(t) for t in inputs]
+    ys, h_n, c_n, ws = forward(mode, *args)
+    grads = backward(mode, *args, ys, ws, *(cast(t) for t in cot), need_dx)
+    flat = []
+    for item in (ys, h_n, c_n, *grads):
+        flat.extend(item if isinstance(item, list) else [item])
+    return flat
+
+
+def check_stack_oracle(forward, backward, mode, inputs, cot, dtype, need_dx=True, device="cpu"):
+    """The oracle for a backend's stack calls; the baseline is the reference backend in the same dtype and
+    device (torch.nn has no call with explicit dropout masks)."""
+    reference = fusedrnn.reference
+    truth = stack_results(reference.stack_forward, reference.stack_backward, mode, inputs, cot, torch.float64,
+                          need_dx)
+    base = stack_results(reference.stack_forward, reference.stack_backward, mode, inputs, cot, dtype, need_dx, device)
+    got = stack_results(forward, backward, mode, inputs, cot, dtype, need_dx, device)
+    assert len(got) == len(truth)
+    for i, (g, b, t) in enumerate(zip(got, base, truth)):
+        if t is None:
+            assert g is None, f"result {i}: a value where the reference has None"
+            continue
+        assert torch.isfinite(g).all(), f"result {i}: non-finite (an element the kernel never wrote?)"
+        factor = FACTOR["output" if i < 3 else "grad"]
+        err, err_ref = rel_err(g.cpu(), t), rel_err(b.cpu(), t)
+        assert err <= factor * err_ref + FLOOR[dtype], f"result {i}: err {err:.2e}, reference in {dtype} {err_ref:.2e}"

@@ -1,5 +1,6 @@
 """Backend selection: argument > FUSEDRNN_BACKEND > auto; named backends run or raise; auto warns once."""
 
+import importlib.util
 import warnings
 
 import pytest
@@ -57,3 +58,12 @@ def test_auto_on_cpu_uses_the_fastest_available():
     model(torch.randn(2, 1, 3))
     expected = "cpp" if "cpp" in fusedrnn.available_backends("cpu") else "reference"
     assert model.last_backend == expected
+
+
+def test_stack_backends_are_the_modules_with_the_stack_contract():
+    for name in backends.NAMES:
+        if name == "triton" and importlib.util.find_spec("triton") is None:
+            continue
+        module = backends.get(name)
+        has = hasattr(module, "stack_forward") and hasattr(module, "stack_backward")
+        assert backends.runs_stacks(name) == has, name

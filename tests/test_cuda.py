@@ -2,7 +2,8 @@
 
 Every cell (LSTM incl. proj_size, GRU, RNN tanh/relu), 1-3 layers, bidirectional, PackedSequence,
 float32 / float16 / bfloat16, awkward shapes (H=123, B=1, T=1, I != H), the book's model, and both
-schemes of the kernels (persistent, per_step) as well as the automatic choice. Every buffer the kernels
+schemes of the kernels (persistent, per_step) as well as the automatic choice. Unidirectional stacks run as
+one wavefront; with dropout masks they are checked against the reference's stack contract. Every buffer the kernels
 write is NaN-poisoned first (fusedrnn.cuda.POISON), so an element a kernel never wrote fails the
 oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run anywhere.
 """
@@ -17,10 +18,12 @@ from conftest import (
     FLOOR,
     SHAPE_ARGS,
     check_oracle,
+    check_stack_oracle,
     make_pair,
     random_hx,
     random_input,
     random_packed,
+    random_stack,
     rel_err,
 )
 from fusedrnn import cuda as cuda_backend
@@ -122,6 +125,18 @@ def test_book_model_runs_persistent(dtype):
     fused, ref = make_pair("lstm", 28, 256, "cuda", device="cuda", num_layers=2)
     check_oracle(fused, ref, random_input(35, 32, 28), random_hx("lstm", 2, 32, 256), dtype=dtype, device="cuda")
     assert cuda_backend.last_scheme() == "persistent"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_with_dropout_masks(monkeypatch, scheme, dtype, cell):
+    """The wavefront's dropout path (torch.nn's cuDNN draws its own masks, so the reference is the baseline)."""
+    _use_scheme(monkeypatch, scheme)
+    inputs, cot = random_stack(cell, 3, 9, 5, 7, 33, 33, [9, 4, 7, 1, 9], dropout=True)
+    check_stack_oracle(cuda_backend.stack_forward, cuda_backend.stack_backward, cell, inputs, cot, dtype, True, "cuda")
+    assert cuda_backend.last_scheme() == scheme
 
 
 @pytest.mark.gpu

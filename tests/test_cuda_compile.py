@@ -7,7 +7,8 @@
    csrc/host_emulation.h (fibers for threads, one OS thread per block), run on CPU tensors and are held
    to the oracle of conftest.py against the reference backend in float64, with NaN-poisoned outputs:
    every cell, both schemes (persistent with its grid barrier, per_step), lengths, reverse, proj_size,
-   batch tiles, float16/bfloat16, and fibers resumed in reverse order to expose missing barriers.
+   batch tiles, float16/bfloat16, stacks (the wavefront: 2-3 layers, dropout masks, need_dx, deeper than one
+   launch), and fibers resumed in reverse order to expose missing barriers.
    This proves the indexing and the algorithm, not the GPU memory model or speed. Skipped without the
    CUDA headers.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CELLS, FACTOR, FLOOR, rel_err
+from conftest import CELLS, FACTOR, FLOOR, check_stack_oracle, random_stack, rel_err, stack_results
 from fusedrnn import reference
 from fusedrnn.cuda import CSRC
 
@@ -145,7 +146,7 @@ def _run(backend, mode, inputs, cot, reverse, dtype, *extra):
     y, h_n, c_n, ws = backend.forward(mode, *cast, reverse, *extra)
     schemes = [backend.last_scheme()] if extra else []
     dy, dh, dc = (t if t is None else t.to(dtype) for t in cot)
-    grads = backend.backward(mode, *cast, reverse, y, ws, dy, dh, dc, *extra)
+    grads = backend.backward(mode, *cast, reverse, y, ws, dy, dh, dc, True, *extra)
     schemes += [backend.last_scheme()] if extra else []
     return [y, h_n, c_n, *grads], schemes
 
@@ -203,7 +204,10 @@ def test_emulated_reverse_fiber_order(emulated):
         "import test_cuda_compile as t; from conftest import CELLS;"
         "m = t.build_emulated();"
         "[t._check(m, mode, t.CASES['packed-reverse'], s) for mode in CELLS for s in ('persistent', 'per_step')];"
-        "t._check(m, 'lstm', (4, 3, 5, 9, 4, [1, 4, 3], True), 'persistent')"
+        "t._check(m, 'lstm', (4, 3, 5, 9, 4, [1, 4, 3], True), 'persistent');"
+        "[t._check_stack(m, mode, t.STACK_CASES['three-packed'], s)"
+        " for mode in CELLS for s in ('persistent', 'per_step')];"
+        "t._check_stack(m, 'lstm', (2, 3, 3, 4, 7, 3, [3, 1, 2], True), 'persistent')"
     )
     env = {**os.environ, "FUSEDRNN_EMU_REVERSE": "1"}
     here = str(Path(__file__).parent)
@@ -216,3 +220,71 @@ def test_emulated_reverse_fiber_order(emulated):
 def test_emulated_many_rows(emulated):
     """T*B > 1024 rows: the float32 weight gradients take the binding's blocked float64 sum."""
     _check(emulated, "lstm", (30, 40, 3, 4, 4, [30] * 39 + [7], False), "persistent")
+
+
+# ---- stacks: the wavefront (layer l at step s alongside layer l + 1 at step s - 1) --------------------------
+def _emulated_stack(emulated, scheme):
+    """The binding's stack calls behind the reference's signatures: forward in time, poisoned buffers."""
+
+    def forward(mode, *args):
+        return emulated.stack_forward(mode, *args, False, scheme, True)
+
+    def backward(mode, *args):
+        return emulated.stack_backward(mode, *args[:10], False, *args[10:], scheme, True)
+
+    return forward, backward
+
+
+STACK_CASES = {  # L, T, B, I, H, P, lengths, dropout
+    "two": (2, 4, 3, 3, 5, 5, None, True),
+    "three-packed": (3, 4, 5, 2, 6, 6, [4, 1, 3, 2, 4], True),
+    "no-dropout": (2, 3, 2, 4, 7, 7, [3, 2], False),
+    "two-batch-tiles": (2, 2, 37, 3, 4, 4, None, True),
+}
+
+
+def _check_stack(emulated, mode, case, scheme, dtype=torch.float32, need_dx=True):
+    L, T, B, I, H, P, lengths, dropout = case
+    inputs, cot = random_stack(mode, L, T, B, I, H, P, lengths, dropout)
+    check_stack_oracle(*_emulated_stack(emulated, scheme), mode, inputs, cot, dtype, need_dx)
+    assert emulated.last_scheme() == scheme
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("case", STACK_CASES, ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_emulated_stack_matches_reference(emulated, mode, case, scheme):
+    _check_stack(emulated, mode, STACK_CASES[case], scheme)
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("lengths", (None, [3, 1, 2]))
+def test_emulated_stack_lstm_proj(emulated, lengths, scheme):
+    _check_stack(emulated, "lstm", (2, 3, 3, 4, 7, 3, lengths, True), scheme)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("mode", ("lstm", "gru"))
+def test_emulated_stack_half_precision(emulated, mode, dtype):
+    _check_stack(emulated, mode, STACK_CASES["three-packed"], "persistent", dtype)
+
+
+@pytest.mark.parametrize("mode", ("lstm", "gru"))
+def test_emulated_stack_without_dx(emulated, mode):
+    _check_stack(emulated, mode, STACK_CASES["two"], "persistent", need_dx=False)
+
+
+def test_emulated_stack_deeper_than_one_launch(emulated, monkeypatch):
+    """More layers than one launch holds: fusedrnn.cuda runs them layer by layer (same ws layout)."""
+    from fusedrnn import cuda
+
+    monkeypatch.setattr(cuda, "_ext", lambda: emulated)
+    monkeypatch.setattr(cuda, "SCHEME", "per_step")
+    monkeypatch.setattr(cuda, "POISON", True)
+    inputs, cot = random_stack("gru", emulated.max_layers + 1, 3, 2, 3, 4, 4, [3, 2], True)
+    want = stack_results(reference.stack_forward, reference.stack_backward, "gru", inputs, cot, torch.float32)
+    got = stack_results(cuda.stack_forward, cuda.stack_backward, "gru", inputs, cot, torch.float32)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert (g is None) == (w is None), i
+        if w is not None:  # the same float32 arithmetic up to summation order
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}")

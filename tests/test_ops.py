@@ -83,3 +83,96 @@ def test_backward_after_a_forward_without_save_raises():
     assert ws.numel() == 0
     with pytest.raises(RuntimeError, match="save=False"):
         y.sum().backward()
+
+
+# ---- the stack ops (reference.py's stack contract; the CUDA backend's wavefront) -----------------------------
+def _stack_args(mode, L=2, T=3, B=2, I=4, H=5, P=0, lengths=None, bias=True, dropout=True):
+    """(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths) of a unidirectional stack, float64 leaves."""
+    G, P = GATES[mode], P or H
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    c0 = leaf(L, B, H) if mode == "lstm" else None
+    w_ih = [leaf(G * H, I if layer == 0 else P) for layer in range(L)]
+    w_hh = [leaf(G * H, P) for _ in range(L)]
+    b_ih = [leaf(G * H) for _ in range(L)] if bias else []
+    b_hh = [leaf(G * H) for _ in range(L)] if bias else []
+    w_hr = [leaf(P, H) for _ in range(L)] if P != H else []
+    masks = [torch.bernoulli(torch.full((T, B, P), 0.7, dtype=torch.float64)) / 0.7 for _ in range(L - 1)]
+    return leaf(T, B, I), leaf(L, B, P), c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks if dropout else [], lengths
+
+
+STACK_CASES = {  # mode, _stack_args keywords
+    "lstm": ("lstm", {}),
+    "gru-packed": ("gru", {"L": 3, "lengths": torch.tensor([3, 1])}),
+    "rnn_tanh-nobias": ("rnn_tanh", {"bias": False, "dropout": False}),
+    "rnn_relu": ("rnn_relu", {"B": 3}),
+    "lstm-proj": ("lstm", {"H": 6, "P": 3, "lengths": torch.tensor([2, 3])}),
+}
+
+
+@pytest.mark.parametrize("case", STACK_CASES)
+def test_opcheck_stack_forward(case):
+    mode, kwargs = STACK_CASES[case]
+    torch.library.opcheck(ops.stack_forward, (*_stack_args(mode, **kwargs), mode, "reference"))
+
+
+@pytest.mark.parametrize("case", STACK_CASES)
+@pytest.mark.parametrize("need_dx", (True, False))
+def test_opcheck_stack_backward(case, need_dx):
+    mode, kwargs = STACK_CASES[case]
+    args = _stack_args(mode, **kwargs)
+    ys, h_n, c_n, ws = ops.stack_forward(*args, mode, "reference")
+    dc_n = torch.randn_like(c_n) if mode == "lstm" else None
+    detached = [[t.detach() for t in a] if isinstance(a, list) else a.detach() if a is not None else None for a in args]
+    args = (*detached, ys.detach(), ws.detach(), torch.randn_like(ys), torch.randn_like(h_n), dc_n, mode, "reference",
+            need_dx)
+    torch.library.opcheck(ops.stack_backward, args, test_utils=("test_schema", "test_faketensor"))
+    assert (ops.stack_backward(*args)[0].numel() > 0) == need_dx
+
+
+@pytest.mark.parametrize("case", STACK_CASES)
+def test_stack_gradients_and_double_backward(case):
+    """gradcheck and gradgradcheck (float64) through run_stack: the hand-written stack BPTT and the double
+    backward that differentiates the reference BPTT."""
+    mode, kwargs = STACK_CASES[case]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths = _stack_args(mode, **kwargs)
+    L = len(w_ih)
+    leaves = [t for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr) if t is not None]
+
+    bias, proj = bool(b_ih), bool(w_hr)
+
+    def fn(*leaves):
+        x, h0, *rest = leaves
+        c0 = rest.pop(0) if mode == "lstm" else None
+        per_layer = [rest[k * L : (k + 1) * L] for k in range(len(rest) // L)]  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
+        absent = [None] * L
+        w_ih, w_hh, *rest = per_layer
+        b_ih, b_hh = (rest.pop(0), rest.pop(0)) if bias else (absent, absent)
+        w_hr = rest.pop(0) if proj else absent
+        weights = list(zip(w_ih, w_hh, b_ih, b_hh, w_hr))
+        y, h_n, c_n = ops.run_stack(x, h0, c0, weights, masks, lengths, mode, "reference")
+        if lengths is not None:  # y at padded steps is outside the contract (held, no gradient)
+            y = y * (torch.arange(y.shape[0]).unsqueeze(1) < lengths).unsqueeze(2)
+        return (y, h_n) if c_n is None else (y, h_n, c_n)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+def test_modules_send_unidirectional_stacks_to_the_stack_op(monkeypatch):
+    calls = []
+    original = ops.stack_forward
+
+    def spy(*args):
+        calls.append(args[-3])  # the mode
+        return original(*args)
+
+    monkeypatch.setattr(ops, "stack_forward", spy)
+    x = torch.randn(4, 2, 3)
+    fusedrnn.LSTM(3, 5, num_layers=3, backend="reference")(x)
+    fusedrnn.GRU(3, 5, num_layers=1, backend="reference")(x)  # one layer: the layer op
+    fusedrnn.GRU(3, 5, num_layers=2, bidirectional=True, backend="reference")(x)  # both directions feed layer 2
+    fusedrnn.GRU(3, 5, num_layers=2, backend="cpp")(x)  # cpp runs layer by layer
+    assert calls == ["lstm"]
