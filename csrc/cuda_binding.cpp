@@ -9,6 +9,7 @@
 //                 poison) -> [ys, h_n, c_n | None, ws]
 //   stack_backward(mode, x, h0, c0, w_ih[], ..., masks[], lengths, reverse, ys, ws, dys, dh_n, dc_n, need_dx,
 //                  scheme, poison) -> (dx | None, dh0, dc0 | None, dw_ih[], dw_hh[], db_ih[], db_hh[], dw_hr[])
+//   fits_on_chip(mode, x, H, P, layers, proj, backward) -> whether such a stack would run persistent
 //   last_scheme() -> "persistent" | "per_step": what the last call ran;  max_layers: the deepest stack per call
 //
 // Shapes as in reference.py: x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
@@ -306,6 +307,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
   return {dx, fresh_like(h0, dh), lstm ? fresh_like(*c0, dc) : Tensor(), dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 
+// Whether `layers` layers of x's dtype, H units and P outputs run persistent (forward, or backward).
+bool fits_on_chip(const std::string& mode, const Tensor& x, int64_t H, int64_t P, int64_t layers, bool proj,
+                  bool backward) {
+  const c10::DeviceGuard guard(x.device());
+  const CellInfo cell = cell_info(mode);
+  const Shape sh{1, 1, static_cast<int>(H), static_cast<int>(P), false, nullptr};
+  const Dtype dtype = dtype_of(x);
+  const int L = static_cast<int>(layers);
+  bool fits = false;
+  cudaError_t err;
+  switch (cell.kind) {
+    case Kind::lstm:
+      err = lstm_fits_on_chip(dtype, sh, L, proj, backward, &fits);
+      break;
+    case Kind::gru:
+      err = gru_fits_on_chip(dtype, sh, L, proj, backward, &fits);
+      break;
+    default:
+      err = rnn_fits_on_chip(cell.kind == Kind::rnn_relu, dtype, sh, L, backward, &fits);
+  }
+  TORCH_CHECK(err == cudaSuccess, "fusedrnn cuda: planning failed: ", cudaGetErrorString(err));
+  return fits;
+}
+
 // One layer-direction (reference.py's layer contract): the stack of one layer.
 std::vector<Tensor> forward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
@@ -340,6 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fusedrnn::backward, "its hand-written BPTT");
   m.def("stack_forward", &fusedrnn::stack_forward, "a unidirectional stack's forward as one wavefront");
   m.def("stack_backward", &fusedrnn::stack_backward, "its BPTT, one wavefront in reverse");
+  m.def("fits_on_chip", &fusedrnn::fits_on_chip, "whether a stack of this shape would run persistent");
   m.def("last_scheme", [] { return fusedrnn::last_scheme_name; }, "scheme of the last kernel run");
   m.attr("max_layers") = fusedrnn::kMaxLayers;
 }

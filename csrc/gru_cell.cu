@@ -39,4 +39,8 @@ cudaError_t gru_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme,
   return run_backward<GruCell>(dtype, a, scheme, stream, used);
 }
 
+cudaError_t gru_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bool backward, bool* fits) {
+  return fits_on_chip<GruCell>(dtype, sh, layers, proj, backward, fits);
+}
+
 }  // namespace fusedrnn

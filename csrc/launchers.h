@@ -92,5 +92,10 @@ cudaError_t gru_forward(Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Sc
 cudaError_t gru_backward(Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
 cudaError_t rnn_forward(bool relu, Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Scheme* used);
 cudaError_t rnn_backward(bool relu, Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+// Whether a stack of `layers` layers of this shape would run persistent (its forward, or its backward): the
+// binding's automatic choice between one wavefront and one layer at a time. rnn has no proj.
+cudaError_t lstm_fits_on_chip(Dtype, const Shape&, int layers, bool proj, bool backward, bool* fits);
+cudaError_t gru_fits_on_chip(Dtype, const Shape&, int layers, bool proj, bool backward, bool* fits);
+cudaError_t rnn_fits_on_chip(bool relu, Dtype, const Shape&, int layers, bool backward, bool* fits);
 
 }  // namespace fusedrnn

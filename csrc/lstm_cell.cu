@@ -45,4 +45,8 @@ cudaError_t lstm_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme
   return run_backward<LstmCell>(dtype, a, scheme, stream, used);
 }
 
+cudaError_t lstm_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bool backward, bool* fits) {
+  return fits_on_chip<LstmCell>(dtype, sh, layers, proj, backward, fits);
+}
+
 }  // namespace fusedrnn

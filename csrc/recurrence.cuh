@@ -400,6 +400,31 @@ cudaError_t launch(Kernel kernel, const Plan& p, const Args& args, int s_begin, 
                       : cudaLaunchKernel(fn, p.blocks, kThreads, params, p.smem, stream);
 }
 
+// The plans of a stack's forward and backward (`layers` layers of shape sh; proj: with W_hr).
+template <class Cell, class T>
+cudaError_t forward_plan(const Shape& sh, int layers, bool proj, Scheme scheme, Plan* plan) {
+  return make_plan<T>(
+      forward_kernel<Cell, T, true>, sh, layers, scheme,
+      [&](const Layout& L) { return forward_acc_rows(Cell::G, L, layers); },
+      [&](const Layout& L) {
+        const size_t rows = static_cast<size_t>(Cell::G) * L.U * (layers > 1 ? 2 : 1);  // W_hh (and W_ih) slices
+        return rows * sh.P + (proj ? static_cast<size_t>(L.Up) * sh.H : 0);
+      },
+      plan);
+}
+
+template <class Cell, class T>
+cudaError_t backward_plan(const Shape& sh, int layers, bool proj, Scheme scheme, Plan* plan) {
+  return make_plan<T>(
+      backward_kernel<Cell, T, true>, sh, layers, scheme,
+      [&](const Layout& L) { return backward_acc_rows(L, layers); },
+      [&](const Layout& L) {
+        const size_t rows = static_cast<size_t>(L.Up) * (layers > 1 ? 2 : 1);  // W_hh^T (and W_ih_up^T) slices
+        return rows * Cell::G * sh.H + (proj ? static_cast<size_t>(L.U) * sh.P : 0);
+      },
+      plan);
+}
+
 template <class Cell, class T>
 cudaError_t launch_forward(const StackForwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   const Shape& sh = a.layer[0].shape;
@@ -407,14 +432,7 @@ cudaError_t launch_forward(const StackForwardArgs& a, Scheme scheme, cudaStream_
   const bool proj = a.layer[0].w_hr != nullptr;
   const int steps = sh.T + a.L - 1;  // super-steps of the wavefront
   Plan p;
-  cudaError_t err = make_plan<T>(
-      forward_kernel<Cell, T, true>, sh, a.L, scheme,
-      [&](const Layout& L) { return forward_acc_rows(Cell::G, L, a.L); },
-      [&](const Layout& L) {
-        const size_t rows = static_cast<size_t>(Cell::G) * L.U * (a.L > 1 ? 2 : 1);  // W_hh (and W_ih) slices
-        return rows * sh.P + (proj ? static_cast<size_t>(L.Up) * sh.H : 0);
-      },
-      &p);
+  cudaError_t err = forward_plan<Cell, T>(sh, a.L, proj, scheme, &p);
   if (err) return err;
   *used = p.persistent ? Scheme::persistent : Scheme::per_step;
   if (p.persistent) return launch(forward_kernel<Cell, T, true>, p, a, 0, steps, kBoth, stream);
@@ -432,13 +450,7 @@ cudaError_t launch_backward(const StackBackwardArgs& a, Scheme scheme, cudaStrea
   const bool proj = a.layer[0].w_hrT != nullptr;
   const int steps = sh.T + a.L;  // T + 1 backward steps per layer (the last finishes dh0), in a wavefront
   Plan p;
-  cudaError_t err = make_plan<T>(
-      backward_kernel<Cell, T, true>, sh, a.L, scheme, [&](const Layout& L) { return backward_acc_rows(L, a.L); },
-      [&](const Layout& L) {
-        const size_t rows = static_cast<size_t>(L.Up) * (a.L > 1 ? 2 : 1);  // W_hh^T (and W_ih_up^T) slices
-        return rows * Cell::G * sh.H + (proj ? static_cast<size_t>(L.U) * sh.P : 0);
-      },
-      &p);
+  cudaError_t err = backward_plan<Cell, T>(sh, a.L, proj, scheme, &p);
   if (err) return err;
   *used = p.persistent ? Scheme::persistent : Scheme::per_step;
   if (p.persistent) return launch(backward_kernel<Cell, T, true>, p, a, 0, steps, kBoth, stream);
@@ -475,6 +487,19 @@ cudaError_t run_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme,
   return by_dtype(dtype, [&](auto tag) {
     return launch_backward<Cell, decltype(tag)>(a, scheme, stream, used);
   });
+}
+
+// Whether `layers` layers of this shape run persistent (weight slices on chip, every block resident).
+template <class Cell>
+cudaError_t fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bool backward, bool* fits) {
+  Plan p{};
+  const cudaError_t err = by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return backward ? backward_plan<Cell, T>(sh, layers, proj, Scheme::automatic, &p)
+                    : forward_plan<Cell, T>(sh, layers, proj, Scheme::automatic, &p);
+  });
+  *fits = p.persistent;
+  return err;
 }
 
 }  // namespace fusedrnn

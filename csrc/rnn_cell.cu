@@ -34,4 +34,9 @@ cudaError_t rnn_backward(bool relu, Dtype dtype, const StackBackwardArgs& a, Sch
               : run_backward<RnnCell<false>>(dtype, a, scheme, stream, used);
 }
 
+cudaError_t rnn_fits_on_chip(bool relu, Dtype dtype, const Shape& sh, int layers, bool backward, bool* fits) {
+  return relu ? fits_on_chip<RnnCell<true>>(dtype, sh, layers, false, backward, fits)
+              : fits_on_chip<RnnCell<false>>(dtype, sh, layers, false, backward, fits);
+}
+
 }  // namespace fusedrnn

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .reference import workspace_shape  # noqa: F401  (same ws layout as the reference)
+from .reference import GATES, workspace_shape  # noqa: F401  (same ws layout as the reference)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCHEMES = ("auto", "persistent", "per_step")
@@ -102,27 +102,38 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     )
 
 
+def _by_layers(mode, x, w_hh, w_hr, backward):
+    """Whether a stack runs one layer at a time (each layer its own launch) instead of one wavefront: when it
+    is deeper than one launch holds, or, under "auto", when the wavefront's weight slices (W_hh and W_ih of
+    every layer at once) do not fit on chip but one layer's do. Where neither fits, the wavefront runs per
+    step: T + L - 1 launches instead of L * T."""
+    layers = len(w_hh)
+    if layers > _ext().max_layers:
+        return True
+    if SCHEME != "auto" or layers == 1:
+        return False
+    H, P, proj = w_hh[0].shape[0] // GATES[mode], w_hh[0].shape[1], bool(w_hr)
+    fits_on_chip = _ext().fits_on_chip
+    return not fits_on_chip(mode, x, H, P, layers, proj, backward) and fits_on_chip(mode, x, H, P, 1, proj, backward)
+
+
 def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
-    """A unidirectional stack (reference.py's stack contract) as one wavefront launch: layer l runs step t while
-    layer l + 1 runs step t - 1. Deeper stacks than one launch holds run layer by layer."""
-    if len(w_ih) > _ext().max_layers:
-        return reference.stack_forward_by_layers(forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks,
-                                                 lengths, save)
-    ys, h_n, c_n, ws = _ext().stack_forward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, False, SCHEME, POISON
-    )
+    """A unidirectional stack (reference.py's stack contract), as one wavefront launch where it can: layer l
+    runs step t while layer l + 1 runs step t - 1 (see ``_by_layers`` for when it goes layer by layer)."""
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths)
+    if _by_layers(mode, x, w_hh, w_hr, backward=False):
+        return reference.stack_forward_by_layers(forward, *args, save)
+    ys, h_n, c_n, ws = _ext().stack_forward(*args, False, SCHEME, POISON)
     return ys, h_n, c_n, ws if save else ws.new_empty(0)
 
 
 def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
                    need_dx=True):
-    if len(w_ih) > _ext().max_layers:
-        return reference.stack_backward_by_layers(backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks,
-                                                  lengths, ys, ws, dys, dh_n, dc_n, need_dx)
-    return _ext().stack_backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, False, ys, ws, dys, dh_n, dc_n, need_dx,
-        SCHEME, POISON,
-    )
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths)
+    cotangents = (ys, ws, dys, dh_n, dc_n)
+    if _by_layers(mode, x, w_hh, w_hr, backward=True):
+        return reference.stack_backward_by_layers(backward, *args, *cotangents, need_dx)
+    return _ext().stack_backward(*args, False, *cotangents, need_dx, SCHEME, POISON)
 
 
 def last_scheme():

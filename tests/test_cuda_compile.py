@@ -274,16 +274,33 @@ def test_emulated_stack_without_dx(emulated, mode):
     _check_stack(emulated, mode, STACK_CASES["two"], "persistent", need_dx=False)
 
 
-def test_emulated_stack_deeper_than_one_launch(emulated, monkeypatch):
-    """More layers than one launch holds: fusedrnn.cuda runs them layer by layer (same ws layout)."""
+@pytest.mark.parametrize(
+    "mode,layers,H,scheme,wavefront,ran",
+    [
+        ("gru", 9, 4, "per_step", False, "per_step"),  # deeper than one launch holds
+        ("lstm", 2, 64, "auto", False, "persistent"),  # 2 layers' slices exceed the 48 KiB, one layer's do not
+        ("lstm", 2, 8, "auto", True, "persistent"),
+        ("rnn_tanh", 2, 64, "per_step", True, "per_step"),  # a forced scheme keeps the wavefront
+    ],
+)
+def test_emulated_stack_wavefront_or_layer_by_layer(emulated, monkeypatch, mode, layers, H, scheme, wavefront, ran):
+    """fusedrnn.cuda's choice for a stack: one wavefront, or one launch per layer (same ws layout either way)."""
     from fusedrnn import cuda
 
+    assert emulated.max_layers == 8
     monkeypatch.setattr(cuda, "_ext", lambda: emulated)
-    monkeypatch.setattr(cuda, "SCHEME", "per_step")
+    monkeypatch.setattr(cuda, "SCHEME", scheme)
     monkeypatch.setattr(cuda, "POISON", True)
-    inputs, cot = random_stack("gru", emulated.max_layers + 1, 3, 2, 3, 4, 4, [3, 2], True)
-    want = stack_results(reference.stack_forward, reference.stack_backward, "gru", inputs, cot, torch.float32)
-    got = stack_results(cuda.stack_forward, cuda.stack_backward, "gru", inputs, cot, torch.float32)
+    by_layers = []
+    for name in ("stack_forward_by_layers", "stack_backward_by_layers"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original, **k: by_layers.append(1) or _f(*a, **k))
+    inputs, cot = random_stack(mode, layers, 3, 2, 3, H, H, [3, 2], True)
+    want = stack_results(reference.stack_forward, reference.stack_backward, mode, inputs, cot, torch.float32)
+    by_layers.clear()
+    got = stack_results(cuda.stack_forward, cuda.stack_backward, mode, inputs, cot, torch.float32)
+    assert by_layers == ([] if wavefront else [1, 1])
+    assert emulated.last_scheme() == ran
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert (g is None) == (w is None), i
         if w is not None:  # the same float32 arithmetic up to summation order
