@@ -129,3 +129,23 @@ def test_import_does_not_load_dynamo():
     code = "import sys, fusedrnn; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_stack_is_one_node_and_compiles_with_dropout():
+    """A unidirectional stack on a backend that runs stacks (the reference here, CUDA on a GPU) is one
+    fusedrnn::stack_forward node; its dropout masks are drawn in the graph, the same draws as eager."""
+    model = fusedrnn.GRU(3, 5, num_layers=3, dropout=0.4, backend="reference")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    with compile_support():
+        for T, B in ((5, 4), (7, 2)):
+            x = torch.randn(T, B, 3)
+            torch.manual_seed(3)
+            got = _outputs_and_grads(compiled, x)
+            torch.manual_seed(3)
+            want = _outputs_and_grads(model, x)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w)
+    program = torch.export.export(model.eval(), (torch.randn(5, 4, 3),))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.fusedrnn.stack_forward.default) == 1
+    assert torch.ops.fusedrnn.layer_forward.default not in targets
