@@ -381,8 +381,8 @@ def run_stack(x, h0, c0, weights, masks, lengths, mode, backend):
     """Differentiable (y, h_n, c_n or None) of a unidirectional stack in one call (the stack contract in
     reference.py). weights: per layer (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent; masks: the dropout
     masks between layers (empty list without dropout)."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = ([w for w in column if w is not None] for column in zip(*weights))
+    w_ih, w_hh, b_ih, b_hh, w_hr = [[w for w in column if w is not None] for column in zip(*weights)]
     tensors = (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])  # list: see modules
     ys, h_n, c_n, _ = stack_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, mode, backend, save)
     return ys[-1], h_n, (c_n if mode == "lstm" else None)

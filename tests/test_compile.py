@@ -133,7 +133,8 @@ def test_import_does_not_load_dynamo():
 
 def test_stack_is_one_node_and_compiles_with_dropout():
     """A unidirectional stack on a backend that runs stacks (the reference here, CUDA on a GPU) is one
-    fusedrnn::stack_forward node; its dropout masks are drawn in the graph, the same draws as eager."""
+    fusedrnn::stack_forward node; its dropout masks are drawn in the graph, the same draws as eager. Kept after
+    the graph-breaking compiles above: run after them, a generator expression on the stack path failed here."""
     model = fusedrnn.GRU(3, 5, num_layers=3, dropout=0.4, backend="reference")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
     with compile_support():
