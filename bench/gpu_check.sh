@@ -10,6 +10,7 @@
 #   memcheck  compute-sanitizer memcheck over one short case per kernel (every cell, both schemes)
 #   racecheck compute-sanitizer racecheck over the same cases (shared-memory hazards)
 #   bench     python bench/run.py --preset quick --device cuda
+#   stack     python bench/stack_vs_layers.py: the wavefront vs the same stack layer by layer vs cuDNN
 # Writes into OUT_DIR: gpu_check_<stamp>.json (card, driver, versions, commit, stage results) and one
 # log per stage; bench/run.py adds its CSV/JSON/PNG. Prints a summary table last. Whole run < 8 min.
 # FUSEDRNN_COMMIT overrides the commit recorded (the device machine may have no .git).
@@ -69,18 +70,19 @@ torch.cuda.synchronize()
 print("sanitizer cases ran: 5 cells x 2 schemes x (bidirectional packed, 2-layer stack), forward + backward")
 '
 
-# Limits add up to 460 s: the whole run stays under 8 minutes with the summary.
+# Limits add up to 470 s: the whole run stays under 8 minutes with the summary.
 stage build 150 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 stage tests_cuda 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="${PREFIX}_tests_cuda.xml" \
   tests/test_cuda.py
-stage tests_rest 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="${PREFIX}_tests_rest.xml" tests \
+stage tests_rest 50 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="${PREFIX}_tests_rest.xml" tests \
   --ignore=tests/test_cuda.py
 for tool in memcheck racecheck; do
   # No caching allocator: each tensor its own allocation, so memcheck sees every out-of-bounds access.
   stage "$tool" 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
     --kernel-name kns=fusedrnn "$PY" -c "$SANITIZE_CASES"
 done
-stage bench 60 "$PY" bench/run.py --preset quick --device cuda --out-dir "$OUT_DIR"
+stage bench 55 "$PY" bench/run.py --preset quick --device cuda --out-dir "$OUT_DIR"
+stage stack 25 "$PY" bench/stack_vs_layers.py --device cuda --backend cuda --out-dir "$OUT_DIR"
 
 "$PY" - "$PREFIX" "${ROWS[@]}" <<'EOF'
 import json, subprocess, sys, os
