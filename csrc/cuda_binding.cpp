@@ -1,12 +1,12 @@
 // pybind11 binding of the CUDA backend (module fusedrnn._cuda): the backend contracts of
 // fusedrnn/reference.py, in C++ so a call costs one Python crossing.
 //
-//   forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, scheme, poison)
-//       -> [y, h_n, c_n | None, ws]
+//   forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, scheme, poison)
+//       -> [y, h_n, c_n | None, ws]  (ws empty without save: the kernels then write none)
 //   backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n,
 //            need_dx, scheme, poison) -> [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] (None where absent)
-//   stack_forward(mode, x, h0, c0, w_ih[], w_hh[], b_ih[], b_hh[], w_hr[], masks[], lengths, reverse, scheme,
-//                 poison) -> [ys, h_n, c_n | None, ws]
+//   stack_forward(mode, x, h0, c0, w_ih[], w_hh[], b_ih[], b_hh[], w_hr[], masks[], lengths, reverse, save,
+//                 scheme, poison) -> [ys, h_n, c_n | None, ws]
 //   stack_backward(mode, x, h0, c0, w_ih[], ..., masks[], lengths, reverse, ys, ws, dys, dh_n, dc_n, need_dx,
 //                  scheme, poison) -> (dx | None, dh0, dc0 | None, dw_ih[], dw_hh[], db_ih[], db_hh[], dw_hr[])
 //   fits_on_chip(mode, x, H, P, layers, proj, backward) -> whether such a stack would run persistent
@@ -188,7 +188,7 @@ void check_depth(size_t layers) {
 std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
                                   const Tensors& w_ih, const Tensors& w_hh, const Tensors& b_ih, const Tensors& b_hh,
                                   const Tensors& w_hr, const Tensors& masks, const OptTensor& lengths, bool reverse,
-                                  const std::string& scheme, bool poison) {
+                                  bool save, const std::string& scheme, bool poison) {
   const c10::DeviceGuard guard(x.device());
   const CellInfo cell = cell_info(mode);
   check_depth(w_ih.size());
@@ -199,7 +199,7 @@ std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, cons
   const Tensor gx =
       (b_ih.empty() ? at::mm(x_flat, w_ih[0].t()) : at::addmm(b_ih[0], x_flat, w_ih[0].t())).view({T, B, -1});
   const Tensor ys = at::empty({L, T, B, P}, x.options());
-  const Tensor ws = at::empty({L, T, B, cell.ws_rows * H}, x.options());
+  const Tensor ws = save ? at::empty({L, T, B, cell.ws_rows * H}, x.options()) : at::empty({0}, x.options());
   const auto f32 = x.options().dtype(at::kFloat);
   const Tensor h = at::empty({L, 2, B, P}, f32);
   const Tensor c = lstm ? float_copy(*c0) : Tensor();
@@ -223,7 +223,7 @@ std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, cons
                                 ptr_at(b_hh_c, l),
                                 ptr_at(w_hr_c, l),
                                 ys[l].data_ptr(),
-                                ws[l].data_ptr(),
+                                save ? ws[l].data_ptr() : nullptr,
                                 h[l].data_ptr<float>(),
                                 lstm ? c[l].data_ptr<float>() : nullptr,
                                 proj ? r[l].data_ptr<float>() : nullptr,
@@ -334,12 +334,12 @@ bool fits_on_chip(const std::string& mode, const Tensor& x, int64_t H, int64_t P
 // One layer-direction (reference.py's layer contract): the stack of one layer.
 std::vector<Tensor> forward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,
                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                            const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const std::string& scheme,
-                            bool poison) {
+                            const OptTensor& w_hr, const OptTensor& lengths, bool reverse, bool save,
+                            const std::string& scheme, bool poison) {
   const OptTensor c0_1 = present(c0) ? OptTensor(c0->unsqueeze(0)) : std::nullopt;
   const std::vector<Tensor> out = stack_forward(mode, x, h0.unsqueeze(0), c0_1, {w_ih}, {w_hh}, listed(b_ih),
-                                                listed(b_hh), listed(w_hr), {}, lengths, reverse, scheme, poison);
-  return {out[0][0], out[1][0], out[2].defined() ? out[2][0] : Tensor(), out[3][0]};
+                                                listed(b_hh), listed(w_hr), {}, lengths, reverse, save, scheme, poison);
+  return {out[0][0], out[1][0], out[2].defined() ? out[2][0] : Tensor(), save ? out[3][0] : out[3]};
 }
 
 std::vector<Tensor> backward(const std::string& mode, const Tensor& x, const Tensor& h0, const OptTensor& c0,

@@ -43,7 +43,7 @@ struct ForwardArgs {  // one layer
   const void* b_hh;   // elem (G*H,) or nullptr
   const void* w_hr;   // elem (P, H) or nullptr (lstm with proj_size)
   void* y;            // elem (T, B, P) out: state after each step (held value at padded steps)
-  void* ws;           // elem (T, B, WS*H) out: saved for backward (see the cell files)
+  void* ws;           // elem (T, B, WS*H) out: saved for backward (see the cell files), or nullptr: not saved
   float* h;           // (2, B, P) in/out: h[0] = h0 on entry; the state after step s in slot (s + 1) % 2
   float* c;           // (B, H) in/out, lstm only: c0 on entry, c_n on exit
   float* r;           // (B, H) scratch, proj only: o * tanh(c) before the projection

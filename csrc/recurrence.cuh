@@ -183,8 +183,10 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
           float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
           const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
           if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
+          if (ws) {  // nullptr for inference: no backward follows
 #pragma unroll
-          for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
+            for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
+          }
           if (proj)
             a.r[static_cast<size_t>(b) * H + j] = r;
           else

@@ -92,8 +92,7 @@ def unavailable_reason(device, dtype, mode):
 
 
 def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
-    y, h_n, c_n, ws = _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, SCHEME, POISON)
-    return y, h_n, c_n, ws if save else ws.new_empty(0)
+    return _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, SCHEME, POISON)
 
 
 def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
@@ -123,8 +122,7 @@ def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths,
     args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths)
     if _by_layers(mode, x, w_hh, w_hr, backward=False):
         return reference.stack_forward_by_layers(forward, *args, save)
-    ys, h_n, c_n, ws = _ext().stack_forward(*args, False, SCHEME, POISON)
-    return ys, h_n, c_n, ws if save else ws.new_empty(0)
+    return _ext().stack_forward(*args, False, save, SCHEME, POISON)
 
 
 def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,

@@ -143,7 +143,7 @@ def _run(backend, mode, inputs, cot, reverse, dtype, *extra):
 
     Returns the outputs and gradients, and the schemes the two calls ran (emulated backend only)."""
     cast = [t if t is None or t.dtype == torch.int64 else t.to(dtype) for t in inputs]
-    y, h_n, c_n, ws = backend.forward(mode, *cast, reverse, *extra)
+    y, h_n, c_n, ws = backend.forward(mode, *cast, reverse, True, *extra)
     schemes = [backend.last_scheme()] if extra else []
     dy, dh, dc = (t if t is None else t.to(dtype) for t in cot)
     grads = backend.backward(mode, *cast, reverse, y, ws, dy, dh, dc, True, *extra)
@@ -227,7 +227,7 @@ def _emulated_stack(emulated, scheme):
     """The binding's stack calls behind the reference's signatures: forward in time, poisoned buffers."""
 
     def forward(mode, *args):
-        return emulated.stack_forward(mode, *args, False, scheme, True)
+        return emulated.stack_forward(mode, *args, False, True, scheme, True)
 
     def backward(mode, *args):
         return emulated.stack_backward(mode, *args[:10], False, *args[10:], scheme, True)
@@ -305,3 +305,17 @@ def test_emulated_stack_wavefront_or_layer_by_layer(emulated, monkeypatch, mode,
         assert (g is None) == (w is None), i
         if w is not None:  # the same float32 arithmetic up to summation order
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("mode", CELLS)
+def test_emulated_inference_writes_no_workspace(emulated, mode, scheme):
+    """save=False (no backward follows): the kernels write no ws, and the outputs are the same bits."""
+    inputs, _ = random_stack(mode, 2, 4, 3, 3, 5, 5, [4, 2, 3], True)
+    args = [[t.float() for t in a] if isinstance(a, list) else a if a is None or a.dtype == torch.int64 else a.float()
+            for a in inputs]
+    saved = emulated.stack_forward(mode, *args, False, True, scheme, True)
+    lean = emulated.stack_forward(mode, *args, False, False, scheme, True)
+    assert lean[3].shape == (0,) and saved[3].shape == (2, *reference.workspace_shape(mode, 4, 3, 5, 5))
+    for a, b in zip(saved[:3], lean[:3]):
+        assert (a is None and b is None) or torch.equal(a, b)
