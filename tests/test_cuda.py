@@ -129,7 +129,7 @@ def test_book_model_runs_persistent(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)  # float16: the module tests' stacks
 @pytest.mark.parametrize("cell", CELLS)
 def test_stack_with_dropout_masks(monkeypatch, scheme, dtype, cell):
     """The wavefront's dropout path (torch.nn's cuDNN draws its own masks, so the reference is the baseline)."""
