@@ -259,7 +259,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
   const Tensor dgx_step = gru && L > 1 ? at::empty({L, 2, B, GH}, f32) : Tensor();  // gru: differs from dgh_step
   const Tensor dh_step = at::empty({L, B, P}, f32);
   if (poison) poison_all({dgx, dgh, dhy, dgh_step, dgx_step, dh_step});
-  const Tensors w_hhT = transposed_all(w_hh), w_hrT = transposed_all(w_hr), w_ihT = transposed_all(w_ih);
+  const Tensors w_hhT = transposed_all(w_hh), w_hrT = transposed_all(w_hr);
+  const Tensors w_ihT_up = transposed_all(Tensors(w_ih.begin() + 1, w_ih.end()));  // layer 0's is never read
   const Tensors masks_c = contiguous_all(masks);
   const Tensor h0_c = h0.contiguous(), ys_c = ys.contiguous(), ws_c = ws.contiguous(), dys_c = dys.contiguous();
   const Tensor c0_c = lstm ? c0->contiguous() : Tensor();
@@ -271,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
     args.layer[l] = BackwardArgs{shape_of(x, H, P, lengths, reverse),
                                  w_hhT[l].data_ptr(),
                                  ptr_at(w_hrT, l),
-                                 top ? nullptr : w_ihT[l + 1].data_ptr(),
+                                 top ? nullptr : w_ihT_up[l].data_ptr(),
                                  top ? nullptr : steps_up.data_ptr<float>(),
                                  dropout && !top ? masks_c[l].data_ptr() : nullptr,
                                  h0_c[l].data_ptr(),

@@ -119,8 +119,10 @@ class _Fused:
         else:
             name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
         self.last_backend = name
-        if self._runs_as_stack(name):
-            return self._run_stack(x, h0, c0, lengths, mode, name)
+        if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name):
+            weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+            if _same_parameters(weights):
+                return self._run_stack(x, h0, c0, weights, lengths, mode, name)
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()
         h_n, c_n = [], []
@@ -141,25 +143,25 @@ class _Fused:
         hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
         return layer_input, hidden
 
-    def _runs_as_stack(self, name):
-        """A unidirectional stack goes to the backend in one call where it can run one (CUDA's wavefront)."""
-        if self.bidirectional or self.num_layers == 1 or not backends.runs_stacks(name):
-            return False
-        present = [[w is not None for w in self._layer_weights(layer)] for layer in range(self.num_layers)]
-        # The same parameters in every layer (torch.nn: always). No generator expression here: run after the
-        # graph-breaking compiles of test_compile.py, a fullgraph trace refused one ("Attempt to trace generator").
-        return present.count(present[0]) == len(present)
-
-    def _run_stack(self, x, h0, c0, lengths, mode, name):
-        """_run for a unidirectional stack. The dropout masks are drawn up front, one F.dropout per layer
-        boundary in layer order: the same random draws as dropping each layer's output in turn."""
+    def _run_stack(self, x, h0, c0, weights, lengths, mode, name):
+        """_run for a unidirectional stack in one call, where the backend runs one (CUDA's wavefront). The
+        dropout masks are drawn up front, one F.dropout per layer boundary in layer order: the same random
+        draws as dropping each layer's output in turn."""
         masks = []
         if self.dropout > 0 and self.training:
             ones = x.new_ones(x.size(0), x.size(1), self._state_size())
             masks = [F.dropout(ones, self.dropout, training=True) for _ in range(self.num_layers - 1)]
-        weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
         y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, mode, name)
         return y, (h_n, c_n) if c0 is not None else (h_n,)
+
+
+def _same_parameters(weights):
+    """Whether every layer has the same parameters present (torch.nn: always); the stack call needs that.
+
+    No generator expression here: run after the graph-breaking compiles of test_compile.py, a fullgraph trace
+    refused one ("Attempt to trace generator")."""
+    present = [[w is not None for w in layer] for layer in weights]
+    return present.count(present[0]) == len(present)
 
 
 class LSTM(_Fused, nn.LSTM):
