@@ -112,8 +112,15 @@ def _by_layers(mode, x, w_hh, w_hr, backward):
     if SCHEME != "auto" or layers == 1:
         return False
     H, P, proj = w_hh[0].shape[0] // GATES[mode], w_hh[0].shape[1], bool(w_hr)
-    fits_on_chip = _ext().fits_on_chip
-    return not fits_on_chip(mode, x, H, P, layers, proj, backward) and fits_on_chip(mode, x, H, P, 1, proj, backward)
+    shape = (mode, x.dtype, x.device, H, P)
+    return not _fits_on_chip(*shape, layers, proj, backward) and _fits_on_chip(*shape, 1, proj, backward)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits_on_chip(mode, dtype, device, H, P, layers, proj, backward):
+    """Whether such a stack runs persistent. Cached: a plan query is several CUDA API calls (device
+    attributes, occupancy), and a training step asks four times, on a path that is latency-bound."""
+    return _ext().fits_on_chip(mode, torch.empty(0, dtype=dtype, device=device), H, P, layers, proj, backward)
 
 
 def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
