@@ -154,6 +154,37 @@ def test_saved_activations_come_from_a_pool():
     assert cpp.forward(*args)[3].data_ptr() == address
 
 
+# (T, B, I, H, P, lengths, reverse). With 2 threads the first two split the batch rows (B >= 8, and a step's float64
+# panels fit recurrence.h's 512 KiB: at most G*H*(I+P) values), the last one the hidden units (H too large for that).
+SPLIT_CASES = [
+    (6, 10, 5, 40, None, [6, 2, 5, 1, 6, 3, 4, 6, 2, 5], True),
+    (5, 9, 3, 24, 17, [5, 1, 3, 5, 2, 4, 5, 5, 1], False),  # lstm only: projection
+    (4, 12, 6, 400, None, None, False),
+]
+
+
+@pytest.mark.parametrize("mode,case", [(m, c) for m in MODES for c in SPLIT_CASES if c[4] is None or m == "lstm"], ids=str)
+def test_row_and_unit_splits(mode, case):
+    """Both ways of splitting a layer between threads match the reference, and give the bits one thread gives
+    (the weight gradients come from MKL, whose threading may round differently: compared with a tolerance)."""
+    T, B, I, H, P, lengths, reverse = case
+    args = layer_args(mode, T, B, I, H, P, lengths, reverse)
+    grads = grad_args(args, torch.empty(T, B, P or H, dtype=torch.float64))
+    before, results = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, h_n, c_n, ws = cpp.forward(*args)
+            results[threads] = (y, h_n, c_n, *cpp.backward(*args, y, ws, *grads))
+    finally:
+        torch.set_num_threads(before)
+    want = reference.forward(*args)
+    assert_same(results[2][:3], want[:3], 1e-12)
+    assert_same(results[2][3:], reference.backward(*args, want[0], want[3], *grads), 1e-11)
+    assert_same(results[2][:6], results[1][:6], 0.0)  # y, h_n, c_n, dx, dh0, dc0: our kernels
+    assert_same(results[2][6:], results[1][6:], 1e-12)
+
+
 def test_thread_count_does_not_change_results():
     args = layer_args("lstm", 6, 9, 5, 100, lengths=[6, 2, 5, 1, 6, 3, 4, 6, 2], reverse=True)
     before = torch.get_num_threads()

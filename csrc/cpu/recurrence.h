@@ -12,10 +12,15 @@
 // Temporaries (input projection, packed weights, gate gradients) live in per-thread scratch buffers
 // (scratch.h); without save (no backward to follow) only two steps of ws are kept.
 //
-// Threading: one OpenMP team lives for the whole sequence. Worker k owns a slice of the hidden units
-// (and of the P output columns): it packs only its own weight panels (they stay in its core's L2 cache
-// for all T steps), computes only its gates and states, and the team meets at one barrier per step
-// (two with proj_size), where h_t (or dG_t) becomes visible to everyone's next product.
+// Threading: one OpenMP team lives for the whole sequence, split one of two ways (Split):
+// - by units: worker k owns a slice of the hidden units (and of the P output columns): it packs only its own
+//   weight panels (they stay in its core's L2 cache for all T steps), computes only its gates and states, and
+//   the team meets at one barrier per step (two with proj_size), where h_t (or dG_t) becomes visible to
+//   everyone's next product;
+// - by batch rows, when a step's panels all fit in one core's L2 (small H) and the batch is large enough:
+//   worker k runs the whole sequence for its own rows, with no barrier per step and no state crossing cores.
+// The split changes no bit of any result: either way every element is computed by the same instructions in the
+// same order.
 //
 // Variable lengths: row b only has steps t < lengths[b]; elsewhere the state is held (h_t = h_{t-1},
 // c_t = c_{t-1}: copied, never computed, so NaN in padding cannot leak), and backward gives zero gate
@@ -96,14 +101,44 @@ struct TimeOrder {
   int64_t at(int64_t s) const { return reverse ? T - 1 - s : s; }
 };
 
-// How the team splits a layer: unit panels (hidden units, NR at a time) and output-column panels.
+// What one worker computes (its units, output columns and input columns as panel ranges, and its batch rows) and
+// which panels it packs.
+struct Work {
+  Range units, cols, ins, rows;
+  Range pack_units, pack_cols, pack_ins;
+};
+
+// How the team splits a layer's steps.
+// By units (the default): worker k owns a share of the unit panels (hidden units, NR at a time), of the output-column
+// panels and of the input-column panels (BPTT's dx), for every batch row. It packs only its own panels, which stay in
+// its core's L2, and the team meets at a barrier every step to exchange h_t (or dG_t).
+// By rows, where all the panels a step reads fit in one core's L2 (small H) and every worker gets kMinRows rows:
+// worker k runs the whole sequence for its share of the batch rows. Rows never depend on each other, so there is no
+// barrier per step and no state crosses cores; the team packs the panels together once, and each reads all of them.
+// Measured against the split by units (LSTM T=35, 2 threads, interleaved in one process): B=128 H=64 2 layers
+// training 22.5 -> 18.2 ms, inference 7.3 -> 6.0; B=8 H=64 inference 0.52 -> 0.40; B=32 H=128 training 6.2 -> 5.8;
+// equal within noise at B=32 H=128 inference and B=8 H=128 inference (1.84 / 0.91 ms either way).
 template <class T>
 struct Split {
-  int64_t unit_panels, col_panels, team;
-  Split(int64_t H, int64_t P)
+  static constexpr int64_t kMinRows = 4;
+  static constexpr int64_t kRowsBytes = int64_t(512) << 10;
+  int64_t unit_panels, col_panels, in_panels, team;
+  bool by_rows;
+  // step_values: how many weight values one step reads when one worker does all of it (the row split's panels).
+  Split(int64_t B, int64_t H, int64_t P, int64_t in_columns, int64_t step_values)
       : unit_panels(ceil_div(H, kPanel<T>)), col_panels(ceil_div(P, kPanel<T>)),
-        team(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                     std::max(unit_panels, col_panels)))) {}
+        in_panels(ceil_div(in_columns, kPanel<T>)),
+        by_rows(at::get_num_threads() > 1 && B >= 2 * kMinRows &&
+                step_values * static_cast<int64_t>(sizeof(T)) <= kRowsBytes) {
+    const int64_t parts = by_rows ? B / kMinRows : std::max(unit_panels, col_panels);
+    team = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), parts));
+  }
+  Work work(int64_t me, int64_t team_size, int64_t B) const {
+    const Range u = share(unit_panels, me, team_size), c = share(col_panels, me, team_size);
+    const Range i = share(in_panels, me, team_size);
+    if (by_rows) return {{0, unit_panels}, {0, col_panels}, {0, in_panels}, share(B, me, team_size), u, c, i};
+    return {u, c, i, {0, B}, u, c, i};
+  }
 };
 
 inline bool has_step(const int64_t* lengths, int64_t b, int64_t t) { return !lengths || lengths[b] > t; }
@@ -129,10 +164,11 @@ ForwardOut forward_layer(const Layer& l) {
   const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1);
   const bool proj = l.w_hr.defined();
   const auto options = l.x.options();
-  const Split<T> split(H, P);
-  const int64_t Hpad = split.unit_panels * NR;
-  const bool per_step = project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
-  // gx rows have G*H columns: this step's B rows (per_step; each worker fills its own columns) or all T*B.
+  const int64_t Hpad = ceil_div(H, NR) * NR;
+  const Split<T> split(B, H, P, 0, G * Hpad * (I + P) + (proj ? ceil_div(P, NR) * NR * H : 0));
+  const bool per_step =
+      split.by_rows || project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
+  // gx rows have G*H columns: this step's B rows (per_step; each worker fills its own part) or all T*B.
   at::Tensor gx = scratch(Slot::kSequence, {per_step ? B : steps * B, GH}, options);
   if (!per_step) at::mm_out(gx, l.x.reshape({steps * B, I}), l.w_ih.t());
   at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {split.unit_panels * G * I * NR}, options) : at::Tensor();
@@ -158,16 +194,19 @@ ForwardOut forward_layer(const Layer& l) {
 
 #pragma omp parallel num_threads(split.team)
   {
-    const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
-    const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
-    for (int64_t q = uq.begin; q < uq.end; ++q)
+    const Work w = split.work(omp_get_thread_num(), omp_get_num_threads(), B);
+    const int64_t r0 = w.rows.begin, rows = w.rows.end - w.rows.begin;
+    for (int64_t q = w.pack_units.begin; q < w.pack_units.end; ++q)
       for (int64_t k = 0; k < G; ++k) {
         const int64_t n0 = k * H + q * NR, width = std::min(NR, H - q * NR);
         pack_panel(w_hh, P, true, P, n0, width, wp + (q * G + k) * P * NR);
         if (per_step) pack_panel(w_ih, I, true, I, n0, width, xp + (q * G + k) * I * NR);
       }
-    for (int64_t q = cq.begin; q < cq.end && proj; ++q)
+    for (int64_t q = w.pack_cols.begin; q < w.pack_cols.end && proj; ++q)
       pack_panel(w_hr, H, true, H, q * NR, std::min(NR, P - q * NR), rp + q * H * NR);
+    if (split.by_rows) {
+#pragma omp barrier
+    }
 
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = order.at(s), prev = order.at(s - 1);
@@ -175,14 +214,16 @@ ForwardOut forward_layer(const Layer& l) {
       T* y_t = y_p + t * B * P;
       // Panel by panel: a unit block's gates are still in L1 when its cell rows read them.
       const T* gx_t = per_step ? gx_p : gx_p + t * B * GH;
-      for (int64_t q = uq.begin; q < uq.end; ++q) {
+      for (int64_t q = w.units.begin; q < w.units.end; ++q) {
         const int64_t u0 = q * NR, u1 = std::min(u0 + NR, H);
         for (int64_t k = 0; k < G; ++k) {
           if (per_step)
-            gemm_panel(B, I, x_p + t * B * I, I, xp + (q * G + k) * I * NR, gx_p + k * H + u0, GH, u1 - u0, false);
-          gemm_panel(B, P, h_prev, P, wp + (q * G + k) * P * NR, gates_p + k * Hpad + q * NR, G * Hpad, NR, false);
+            gemm_panel(rows, I, x_p + (t * B + r0) * I, I, xp + (q * G + k) * I * NR, gx_p + r0 * GH + k * H + u0, GH,
+                       u1 - u0, false);
+          gemm_panel(rows, P, h_prev + r0 * P, P, wp + (q * G + k) * P * NR, gates_p + r0 * G * Hpad + k * Hpad + u0,
+                     G * Hpad, NR, false);
         }
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = w.rows.begin; b < w.rows.end; ++b) {
           const T* c_prev = G != 4 ? nullptr : (s == 0 ? c0 + b * H : ws_step(s - 1) + b * WS * H + 4 * H);
           T* ws_row = ws_step(s) + b * WS * H;
           T* h_out = proj ? ht + b * H : y_t + b * P;
@@ -199,15 +240,19 @@ ForwardOut forward_layer(const Layer& l) {
         }
       }
       if (proj) {
+        if (!split.by_rows) {
 #pragma omp barrier
-        for (int64_t q = cq.begin; q < cq.end; ++q) {
+        }
+        for (int64_t q = w.cols.begin; q < w.cols.end; ++q) {
           const int64_t p0 = q * NR, width = std::min(NR, P - p0);
-          gemm_panel(B, H, ht, H, rp + q * H * NR, y_t + p0, P, width, false);
-          for (int64_t b = 0; b < B; ++b)
+          gemm_panel(rows, H, ht + r0 * H, H, rp + q * H * NR, y_t + r0 * P + p0, P, width, false);
+          for (int64_t b = w.rows.begin; b < w.rows.end; ++b)
             if (!has_step(lengths, b, t)) std::copy_n(h_prev + b * P + p0, width, y_t + b * P + p0);
         }
       }
+      if (!split.by_rows) {
 #pragma omp barrier
+      }
     }
   }
   const int64_t last = order.at(steps - 1);
@@ -355,8 +400,11 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
   const int64_t GH = l.w_hh.size(0), H = GH / G, P = l.h0.size(1), in_panels = ceil_div(I, NR);
   const bool proj = l.w_hr.defined();
   const auto options = l.x.options();
-  const Split<T> split(H, P);
-  const bool per_step = l.need_dx && project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G);
+  const int64_t Ppad = ceil_div(P, NR) * NR, Ipad = in_panels * NR;
+  const Split<T> split(B, H, P, l.need_dx ? I : 0,
+                       GH * (Ppad + (l.need_dx ? Ipad : 0)) + (proj ? ceil_div(H, NR) * NR * P : 0));
+  const bool per_step =
+      l.need_dx && (split.by_rows || project_per_step<T>(B, I, P, ceil_div(split.unit_panels, split.team) * NR * G));
   at::Tensor dx = per_step ? at::empty({steps, B, I}, options) : at::Tensor();  // else after the loop, if needed
   at::Tensor x_pack = per_step ? scratch(Slot::kPackInput, {in_panels * GH * NR}, options) : at::Tensor();
   at::Tensor dgx = scratch(Slot::kSequence, {steps, B, GH}, options);
@@ -383,23 +431,26 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
 
 #pragma omp parallel num_threads(split.team)
   {
-    const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
-    const Range uq = share(split.unit_panels, me, team), cq = share(split.col_panels, me, team);
-    const Range iq = share(per_step ? in_panels : 0, me, team);
-    const int64_t j0 = uq.begin * NR, j1 = std::min(uq.end * NR, H);
-    const int64_t p0 = cq.begin * NR, p1 = std::min(cq.end * NR, P);
-    for (int64_t q = cq.begin; q < cq.end; ++q)
+    const Work w = split.work(omp_get_thread_num(), omp_get_num_threads(), B);
+    const Range iq = per_step ? w.ins : Range{0, 0}, pack_iq = per_step ? w.pack_ins : Range{0, 0};
+    const int64_t j0 = w.units.begin * NR, j1 = std::min(w.units.end * NR, H);
+    const int64_t p0 = w.cols.begin * NR, p1 = std::min(w.cols.end * NR, P);
+    const int64_t r0 = w.rows.begin, rows = w.rows.end - w.rows.begin;
+    for (int64_t q = w.pack_cols.begin; q < w.pack_cols.end; ++q)
       pack_panel(w_hh, P, false, GH, q * NR, std::min(NR, P - q * NR), wp + q * GH * NR);
-    for (int64_t q = iq.begin; q < iq.end; ++q)
+    for (int64_t q = pack_iq.begin; q < pack_iq.end; ++q)
       pack_panel(w_ih, I, false, GH, q * NR, std::min(NR, I - q * NR), xp + q * GH * NR);
-    for (int64_t q = uq.begin; q < uq.end && proj; ++q)
+    for (int64_t q = w.pack_units.begin; q < w.pack_units.end && proj; ++q)
       pack_panel(w_hr, H, false, P, q * NR, std::min(NR, H - q * NR), rp + q * P * NR);
+    if (split.by_rows) {
+#pragma omp barrier
+    }
 
     for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = order.at(s), prev = order.at(s - 1);
       const T* h_prev = s == 0 ? h0 : y_p + prev * B * P;
       if (proj) {  // dL/dh_t over own output columns, then through W_hr into the cell's output
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = w.rows.begin; b < w.rows.end; ++b) {
           const bool valid = has_step(lengths, b, t);
           T *d = dh_p + b * P, *out = dhy_p + (t * B + b) * P;
           const T* g = dy_p + (t * B + b) * P;
@@ -409,12 +460,14 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
             d[p] = valid ? T(0) : total;
           }
         }
+        if (!split.by_rows) {
 #pragma omp barrier
-        for (int64_t q = uq.begin; q < uq.end; ++q)
-          gemm_panel(B, P, dhy_p + t * B * P, P, rp + q * P * NR, dhh_p + q * NR, H, std::min(NR, H - q * NR),
-                     false);
+        }
+        for (int64_t q = w.units.begin; q < w.units.end; ++q)
+          gemm_panel(rows, P, dhy_p + (t * B + r0) * P, P, rp + q * P * NR, dhh_p + r0 * H + q * NR, H,
+                     std::min(NR, H - q * NR), false);
       }
-      for (int64_t b = 0; b < B && j1 > j0; ++b) {
+      for (int64_t b = w.rows.begin; b < w.rows.end && j1 > j0; ++b) {
         const int64_t row_off = (t * B + b) * GH + j0;
         if (!has_step(lengths, b, t)) {  // no step: zero gate gradients, dh and dc pass through
           for (int64_t k = 0; k < G; ++k) {
@@ -438,11 +491,14 @@ BackwardOut backward_layer(const Layer& l, const at::Tensor& y, const at::Tensor
                            H};
         Cell::backward_row(row, j1 - j0);
       }
+      if (!split.by_rows) {
 #pragma omp barrier
-      for (int64_t q = cq.begin; q < cq.end; ++q)
-        gemm_panel(B, GH, dgh_p + t * B * GH, GH, wp + q * GH * NR, dh_p + q * NR, P, std::min(NR, P - q * NR), true);
+      }
+      for (int64_t q = w.cols.begin; q < w.cols.end; ++q)
+        gemm_panel(rows, GH, dgh_p + (t * B + r0) * GH, GH, wp + q * GH * NR, dh_p + r0 * P + q * NR, P,
+                   std::min(NR, P - q * NR), true);
       for (int64_t q = iq.begin; q < iq.end; ++q)
-        gemm_panel(B, GH, dgx_p + t * B * GH, GH, xp + q * GH * NR, dx_p + t * B * I + q * NR, I,
+        gemm_panel(rows, GH, dgx_p + (t * B + r0) * GH, GH, xp + q * GH * NR, dx_p + (t * B + r0) * I + q * NR, I,
                    std::min(NR, I - q * NR), false);
     }
   }
