@@ -154,8 +154,9 @@ def test_saved_activations_come_from_a_pool():
     assert cpp.forward(*args)[3].data_ptr() == address
 
 
-# (T, B, I, H, P, lengths, reverse). With 2 threads the first two split the batch rows (B >= 8, and a step's float64
-# panels fit recurrence.h's 512 KiB: at most G*H*(I+P) values), the last one the hidden units (H too large for that).
+# (T, B, I, H, P, lengths, reverse). With 2 threads the first two split the batch rows (4-5 rows per worker, and a
+# step's float64 panels, ~G*H*(I+P) values, within Split::rows_pay's budget for that), the last one the hidden units
+# (H too large).
 SPLIT_CASES = [
     (6, 10, 5, 40, None, [6, 2, 5, 1, 6, 3, 4, 6, 2, 5], True),
     (5, 9, 3, 24, 17, [5, 1, 3, 5, 2, 4, 5, 5, 1], False),  # lstm only: projection

@@ -58,7 +58,8 @@ template <class T>
 FUSEDRNN_TARGETS void gemm_panel(int64_t M, int64_t K, const T* a, int64_t lda, const T* panel, T* c,
                                  int64_t ldc, int64_t width, bool accumulate) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) gemm_tile<8>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
+  for (; m + kTileRows <= M; m += kTileRows)
+    gemm_tile<kTileRows>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
   for (; m + 4 <= M; m += 4) gemm_tile<4>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
   for (; m < M; ++m) gemm_tile<1>(K, a + m * lda, lda, panel, c + m * ldc, ldc, width, accumulate);
 }

@@ -15,6 +15,9 @@ namespace fusedrnn {
 template <class T>
 constexpr int64_t kPanel = 2 * kLanes<T>;
 
+// Rows of A one register tile of gemm_panel covers at most (MR x NR accumulators).
+constexpr int64_t kTileRows = 8;
+
 // Fill `panel` (K * NR values) from W (row stride ld): Bm = W^T if transposed (Bm[k, n] = W[n, k]) else W.
 template <class T>
 void pack_panel(const T* w, int64_t ld, bool transposed, int64_t K, int64_t n0, int64_t width, T* panel);
