@@ -117,7 +117,7 @@ struct Work {
 // barrier per step and no state crosses cores; the team packs the panels together once, and each reads all of them.
 // Measured against the split by units (LSTM T=35, 2 threads, interleaved in one process): B=128 H=64 2 layers
 // training 22.5 -> 18.2 ms, inference 7.3 -> 6.0; B=8 H=64 inference 0.52 -> 0.40; B=32 H=128 training 6.2 -> 5.8;
-// equal within noise at B=32 H=128 inference and B=8 H=128 inference (1.84 / 0.91 ms either way).
+// equal within noise at B=32 H=128 inference (1.84 / 1.87 ms).
 template <class T>
 struct Split {
   static constexpr int64_t kMinRows = 4;
