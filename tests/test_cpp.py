@@ -56,6 +56,11 @@ def assert_same(got, want, tol):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"result {i}: {m}")
 
 
+def with_cells(cases):
+    """(mode, case) for every cell and case; a case with a projection size (case[4]) for the LSTM only."""
+    return [(m, c) for m in MODES for c in cases if c[4] is None or m == "lstm"]
+
+
 # (T, B, I, H, P, lengths, reverse, bias). B < 4 takes the input projection as one GEMM first, B >= 4 inside the
 # step loop (recurrence.h's project_per_step): both schedules meet lengths, reverse, proj and ragged panels here.
 CONTRACT_CASES = [
@@ -68,9 +73,7 @@ CONTRACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "mode,case", [(m, c) for m in MODES for c in CONTRACT_CASES if c[4] is None or m == "lstm"], ids=str
-)
+@pytest.mark.parametrize("mode,case", with_cells(CONTRACT_CASES), ids=str)
 def test_contract_matches_reference(mode, case):
     T, B, I, H, P, lengths, reverse, bias = case
     args = layer_args(mode, T, B, I, H, P, lengths, reverse, bias)
@@ -164,7 +167,7 @@ SPLIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,case", [(m, c) for m in MODES for c in SPLIT_CASES if c[4] is None or m == "lstm"], ids=str)
+@pytest.mark.parametrize("mode,case", with_cells(SPLIT_CASES), ids=str)
 def test_row_and_unit_splits(mode, case):
     """Both ways of splitting a layer between threads match the reference, and give the bits one thread gives
     (the weight gradients come from MKL, whose threading may round differently: compared with a tolerance)."""
