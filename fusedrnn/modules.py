@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backend as backends
+from . import deploy
 from .ops import compute_dtype, run_layer, run_stack
 
 
@@ -30,7 +31,17 @@ class _Fused:
         extra = super().extra_repr()
         return extra if self.backend == "auto" else f"{extra}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles torch.nn's twin of the module (same Parameter objects): see deploy.py."""
+        return deploy.torch_twin(self) if type(self) in FUSED_CLASSES.values() else self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        deploy.check_state(self)  # a tampered checkpoint raises here, before anything runs
+
     def forward(self, input, hx=None):
+        if torch.jit.is_tracing():  # torch.jit.trace and the TorchScript ONNX exporter: see deploy.py
+            return deploy.traced_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
         if input.dim() not in (2, 3):
@@ -114,6 +125,8 @@ class _Fused:
         mode = self.mode.lower()
         h0, c0 = self._split_hidden(hx)
         self._check_states(x, [h0] if c0 is None else [h0, c0])
+        if deploy.exporting_to_onnx():  # torch.onnx.export(dynamo=True): standard ONNX nodes, see deploy.py
+            return deploy.onnx_run(self, x, hx, lengths)
         if x.size(1) == 0:  # an empty batch has nothing to compute; the reference handles it without kernels
             name = "reference"
         else:
@@ -198,3 +211,4 @@ class RNN(_Fused, nn.RNN):
 
 
 FUSED_CLASSES = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+deploy.register_safe_globals(FUSED_CLASSES.values())
