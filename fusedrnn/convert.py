@@ -1,8 +1,9 @@
-"""Swap every torch.nn LSTM / GRU / RNN inside a model for its fused subclass, keeping the same weights."""
+"""Swap every torch.nn LSTM / GRU / RNN inside a model for its fused subclass, keeping the same weights, and back."""
 
 from torch import nn
 
 from . import backend as backends
+from . import deploy
 from .modules import FUSED_CLASSES
 
 
@@ -24,4 +25,19 @@ def convert(model, backend="auto"):
             module.last_backend = None
         if isinstance(module, tuple(FUSED_CLASSES.values())):
             module.backend = backend
+    return model
+
+
+def revert(model):
+    """The inverse of convert(): turn each fused LSTM / GRU / RNN in ``model`` (itself and nested) back into
+    torch.nn's class, in place, and return ``model``; for shipping a model where fusedrnn is not installed.
+
+    Like convert(), it changes the instances' class: the same Parameter objects, hooks and buffers. Subclasses
+    of the fused classes are left alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert() expects an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if type(module) in FUSED_CLASSES.values():
+            deploy.to_torch(module)
     return model
