@@ -11,15 +11,14 @@ import subprocess
 import sys
 import textwrap
 
+import onnx  # test dependencies (the README's test command installs them, with onnxscript for dynamo=True)
+import onnxruntime
 import pytest
 import torch
 from conftest import CELLS, FACTOR, FLOOR, TORCH_CLASSES, make_pair, random_hx, random_input, random_packed, rel_err
 from torch import nn
 
 import fusedrnn
-
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
 
 
 class Tagger(nn.Module):
