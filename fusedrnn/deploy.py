@@ -7,11 +7,11 @@ Which path each runs, and why:
   C++), which our ops, implemented in Python around the backends, could not offer. Scripting goes through
   ``__prepare_scriptable__`` (torch.nn's twin of the module, same Parameter objects); tracing through a
   check in forward.
-- ``torch.onnx.export(..., dynamo=True)`` captures the model with torch.export, where torch.nn's RNNs lower to
-  decompositions the exporter mistranslates in torch 2.13 (wrong shapes once T or B differ from the example
-  input). Under that exporter each layer becomes one standard ONNX LSTM / GRU / RNN node (both directions in
-  one node), written with the public ``torch.onnx.ops.symbolic_multi_out``; a plain ``torch.export`` still
-  keeps one ``fusedrnn::layer_forward`` node per layer-direction.
+- ``torch.onnx.export(..., dynamo=True)`` captures the model with torch.export; torch.nn's path would not help
+  there (in torch 2.13 its export of nn.LSTM / GRU / RNN fails in onnxruntime once T or B differ from the
+  example input, checked by hand). Under that exporter each layer becomes one standard ONNX LSTM / GRU / RNN
+  node (both directions in one node), written with the public ``torch.onnx.ops.symbolic_multi_out``; a plain
+  ``torch.export`` still keeps one ``fusedrnn::layer_forward`` node per layer-direction.
 - Checkpoints: the fused classes hold only parameters and plain attributes, and are registered with
   ``torch.serialization.add_safe_globals`` at import, so ``torch.load(weights_only=True)`` accepts them with
   the allowlist a script passes for torch.nn's classes. Unpickling validates ``backend`` like the constructor.
