@@ -185,6 +185,14 @@ def test_onnx_export_of_a_projected_lstm_is_a_clear_error(dynamo, tmp_path):
         torch.onnx.export(fused, (torch.randn(5, 3, 4),), str(tmp_path / "m.onnx"), dynamo=dynamo)
 
 
+def test_dynamo_onnx_export_in_train_mode_keeps_dropout_between_layers(tmp_path):
+    """As the eager forward: dropout between layers (not after the last) in train mode only."""
+    fused = fusedrnn.GRU(4, 5, num_layers=3, dropout=0.5).train()
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(fused, (torch.randn(5, 3, 4),), path, dynamo=True)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("Dropout") == 2
+
+
 def test_plain_torch_export_still_keeps_fused_nodes():
     """The ONNX path is taken only under torch.onnx.export: torch.export keeps the fused op."""
     fused = fusedrnn.GRU(4, 5, num_layers=2, bidirectional=True).eval()
