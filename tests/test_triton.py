@@ -205,7 +205,7 @@ def _tf32_nearest(x):
     fp32's exponent range, so below 2**-125 the spacing stays 2**-136): the spec, from frexp, not from bits."""
     if x == 0.0:
         return x
-    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    exponent = math.frexp(x)[1]  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
     spacing = max(exponent, -125) - 11
     return round(x / 2.0**spacing) * 2.0**spacing  # round() rounds half to even
 
