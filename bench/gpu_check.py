@@ -292,7 +292,7 @@ def stages(out_dir: Path, prefix: Path) -> list[Stage]:
               "start-up; CUDA_LAUNCH_BLOCKING so a hang or fault stops at its case",
               env={"CUDA_LAUNCH_BLOCKING": "1"}, needs=("import",)),
         Stage("tests_cuda", 150, [*gpu_tests, "tests/test_cuda.py"],
-              "237 tests of tiny shapes: the host's float64 oracle dominates (0.11 s a check here, 1 thread)",
+              "238 tests of tiny shapes: the host's float64 oracle dominates (0.11 s a check here, 1 thread)",
               env=strict, junit=True, needs=("import",), group=GROUP),
         *[Stage(f"tests_triton_{tag}", limit, [*gpu_tests, "tests/test_triton_gpu.py", "-k", select],
                 f"{compiles} distinct kernels (counted here) x <= 1.1 s each to compile for sm_90 (44 took 50 s here), "

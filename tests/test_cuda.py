@@ -183,3 +183,15 @@ def test_contract_fresh_outputs_and_workspace(mode):
             assert g is None
         elif t.numel():
             assert rel_err(g.cpu(), t) <= FACTOR["output"] * rel_err(b.cpu(), t) + FLOOR[torch.float32]
+
+
+@pytest.mark.gpu
+def test_a_refused_launch_leaves_no_cuda_error(monkeypatch):
+    """The persistent scheme forced where the weights do not fit on chip: the backend's own RuntimeError, and no
+    CUDA error left behind for the next unrelated torch op (the binding clears the runtime's last error)."""
+    _use_scheme(monkeypatch, "persistent")
+    fused = make_pair("lstm", 16, 2048, "cuda", device="cuda")[0]
+    with pytest.raises(RuntimeError, match="forward kernel failed"):
+        fused(torch.randn(3, 2, 16, device="cuda"))
+    torch.cuda.synchronize()
+    assert (torch.ones(4, device="cuda") * 2).sum().item() == 8
