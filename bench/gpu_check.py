@@ -3,7 +3,8 @@ most 10 minutes per command) turned into a complete, readable verdict. ``bash be
 ``python3 bench/gpu_check.py OUT_DIR``.
 
 Every stage has a time limit and leaves readable output even when it is cut off:
-- at its limit it gets SIGINT (pytest then still writes its junit XML and summary), SIGKILL GRACE_S later;
+- at its limit it gets SIGINT (pytest then still writes its junit XML and summary), SIGKILL GRACE_S later (what
+  `timeout -s INT -k 5` does, for the stage's whole process group);
 - its log is written as it goes: pytest runs -v (one line per test) with a faulthandler timeout (a stuck test's
   stack is dumped), bench/run.py writes each row as measured, the GPU cases print one line per case;
 - the summary (OUT_DIR/gpu_check_<stamp>.json and .md) is rewritten after every stage, so a run cut off as a
@@ -268,7 +269,7 @@ def card_arch() -> str | None:
 
 def stages(out_dir: Path, prefix: Path) -> list[Stage]:
     py = sys.executable
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or card_arch() or ""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or card_arch()  # None: torch asks the visible card itself
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
     strict = {"FUSEDRNN_STRICT_FP32": "1", "OMP_NUM_THREADS": "2"}
@@ -284,7 +285,7 @@ def stages(out_dir: Path, prefix: Path) -> list[Stage]:
               "ninja, all cores, this card's arch only: the slowest unit (the binding, 31 s here) bounds it; each "
               ".cu 13-17 s, each csrc/cpu file ~11 s here, in parallel; + ~10 s of pip",
               env={"FUSEDRNN_BUILD_CUDA": "1", "FUSEDRNN_BUILD_CPP": "1", "MAX_JOBS": str(os.cpu_count() or 4),
-                   "TORCH_CUDA_ARCH_LIST": arch}),
+                   **({"TORCH_CUDA_ARCH_LIST": arch} if arch else {})}),
         Stage("import", 15, [py, "-c", "import fusedrnn._cuda as c, fusedrnn._cpp as p; print(c.__file__, p.__file__)"],
               "imports torch (~3 s) and the two extensions", needs=("build",)),
         Stage("smoke", 30, [py, "bench/gpu_cases.py", "smoke"],
@@ -310,11 +311,11 @@ def stages(out_dir: Path, prefix: Path) -> list[Stage]:
         Stage("memcheck", 120, [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--kernel-name",
                                 "kns=fusedrnn", py, "bench/gpu_cases.py", "memcheck"],
               "14 cases (~130 of our launches at T=4) after torch start-up under the tool, lazily loaded modules",
-              env=sanitize, needs=("smoke",), group=GROUP),
+              env=sanitize, needs=("import",), group=GROUP),
         Stage("racecheck", 150, [sanitizer, "--tool", "racecheck", "--racecheck-report", "hazard", "--error-exitcode",
                                  "1", "--kernel-name", "kns=fusedrnn", py, "bench/gpu_cases.py", "racecheck"],
               "5 persistent cases (~20 launches); racecheck instruments every shared-memory access",
-              env=sanitize, needs=("smoke",), group=GROUP),
+              env=sanitize, needs=("import",), group=GROUP),
         Stage("calibrate", 90, [py, "bench/calibrate.py", "--out-dir", str(out_dir)],
               "bench/calibrate.py's contract: <= 90 s on a GPU, rows written as measured", needs=("import",),
               skip=None if calibrate.exists() else "bench/calibrate.py is not in this tree"),
