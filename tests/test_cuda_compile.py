@@ -36,10 +36,10 @@ KERNELS_PER_FILE = {"lstm_cell.cu": 12, "gru_cell.cu": 12, "rnn_cell.cu": 24}  #
 
 
 def _cuda_include():
-    from torch.utils.cpp_extension import CUDA_HOME
+    from fusedrnn.toolchain import find_cuda_home
 
-    path = Path(CUDA_HOME or "/usr/local/cuda") / "include"
-    return path if (path / "cuda_runtime.h").exists() else None
+    home = find_cuda_home()
+    return home / "include" if home and (home / "include" / "cuda_runtime.h").exists() else None
 
 
 # ---- 1. nvcc + ptxas report -----------------------------------------------------------------------------
