@@ -303,7 +303,7 @@ def stages(out_dir: Path, prefix: Path) -> list[Stage]:
               "45 hypothesis examples (15 per backend); Triton's compile 2-6 kernels each",
               env=strict, junit=True, needs=("import",), group=GROUP),
         Stage("tests_other", 150, [*gpu_tests, "tests", *(f"--ignore=tests/{f}" for f in OWN_STAGE)],
-              "60 tests; T = 20,000 for the fused backends only (0.4 s a pass of the float64 truth here)",
+              "60 tests; T = 20,000 for the fused backends only (its float64 truth: 4-6 s a test here)",
               env=strict, junit=True, needs=("import",), group=GROUP),
         Stage("determinism", 60, [*gpu_tests, "tests/test_determinism.py"],
               "12 tests of 2 forward + backward passes each; cuBLAS deterministic (its workspace config)",
