@@ -4,12 +4,15 @@
   FUSEDRNN_BUILD_CUDA = auto (default: build when torch has CUDA and nvcc is found) | 1 | 0
 
 A skipped extension is built on first use instead (torch.utils.cpp_extension.load, cached), see
-fusedrnn/cpp.py and fusedrnn/cuda.py.
+fusedrnn/cpp.py and fusedrnn/cuda.py. The CUDA toolkit, the GPU architectures and the compiler flags come from
+fusedrnn/toolchain.py (no CUDA variables need to be set; TORCH_CUDA_ARCH_LIST and CUDA_HOME still win).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -21,6 +24,14 @@ def _wanted(flag, present):
     if value == "1" and not present:
         raise SystemExit(f"{flag}=1 but the toolchain for it is missing")
     return value == "1" or (value == "auto" and present)
+
+
+def _toolchain():
+    """fusedrnn/toolchain.py, loaded by path: the package is not importable before it is installed."""
+    spec = importlib.util.spec_from_file_location("fusedrnn_toolchain", Path(__file__).parent / "fusedrnn/toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -38,13 +49,11 @@ def _extensions():
             )
         )
     cuda_sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*_binding.cpp"))
-    has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    toolchain = _toolchain()
+    has_cuda = torch.version.cuda is not None and toolchain.configure(cpp_extension) is not None
     if cuda_sources and _wanted("FUSEDRNN_BUILD_CUDA", has_cuda):
-        exts.append(
-            cpp_extension.CUDAExtension(
-                "fusedrnn._cuda", cuda_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]}
-            )
-        )
+        flags = {"cxx": toolchain.CXX_FLAGS, "nvcc": toolchain.NVCC_FLAGS}
+        exts.append(cpp_extension.CUDAExtension("fusedrnn._cuda", cuda_sources, extra_compile_args=flags))
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)} if exts else {}
     return exts, cmdclass
 

@@ -3,6 +3,8 @@
 smoke  CI keep-alive: tiny shapes, a few repeats, seconds in all (numbers meaningless).
 quick  under 2 minutes on the 2-core CI CPU; the tables in the README come from it.
 full   the whole grid; tens of minutes on the CPU.
+gpu-lease  CUDA only: what one GPU lease can afford (bench/gpu_check.sh gives it 60 s): the LSTM at a few batch
+       and hidden sizes, float32 and bfloat16, the two fused GPU backends against cuDNN (no reference).
 
 The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers) is added to every sweep by run.py.
 """
@@ -34,6 +36,7 @@ class Sweep:
 class Preset:
     sweeps: dict[str, Sweep]  # keyed by device type: "cpu", "cuda"
     schedule: Schedule
+    backends: tuple[str, ...] | None = None  # the fusedrnn backends it times (None: every one for the device)
 
 
 _SMOKE = Sweep(CELLS, batch=(2,), hidden=(16,), seq_len=(5,), layers=(1,), dtypes=("float32",))
@@ -79,5 +82,15 @@ PRESETS: dict[str, Preset] = {
             ),
         },
         schedule=Schedule(warmup=3, min_repeats=10, max_repeats=500, budget_s=1.0),
+    ),
+    "gpu-lease": Preset(  # 4 book points + 16 grid points, 3 backends each, ~0.1 s of timed calls per backend
+        sweeps={
+            "cuda": Sweep(
+                ("lstm",), batch=(16, 128), hidden=(256, 1024), seq_len=(100,), layers=(1,),
+                dtypes=("float32", "bfloat16"),
+            ),
+        },
+        schedule=Schedule(warmup=2, min_repeats=5, max_repeats=50, budget_s=0.1),
+        backends=("cuda", "triton"),
     ),
 }

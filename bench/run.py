@@ -300,8 +300,9 @@ def measure_point(point: Point, config: Config) -> list[Row]:
     return rows
 
 
-def run_sweep(config: Config, progress: bool = True) -> list[Row]:
-    """Measure every point of config; rows in point order, backends in config order."""
+def run_sweep(config: Config, progress: bool = True, on_rows=None) -> list[Row]:
+    """Measure every point of config; rows in point order, backends in config order. on_rows(rows) is called
+    with each point's rows as soon as they are measured."""
     if config.device.type == "cuda":
         torch.cuda.set_device(config.device)  # timing events record on the current device's stream
     points = sweep_points(config.sweep, config.input_size)
@@ -309,7 +310,10 @@ def run_sweep(config: Config, progress: bool = True) -> list[Row]:
     with tqdm(points, unit="point", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         for point in bar:
             bar.set_postfix_str(point.label(), refresh=True)
-            rows.extend(measure_point(point, config))
+            measured = measure_point(point, config)
+            rows.extend(measured)
+            if on_rows:
+                on_rows(measured)
     return rows
 
 
@@ -423,18 +427,35 @@ def metadata(config: Config, argv: list[str]) -> dict:
 CSV_META = ("device", "date", "torch", "triton", "python", "git_commit")
 
 
-def write_csv(path: Path, rows: list[Row], meta: dict) -> None:
-    """One row per (point, backend), each carrying the device, date, versions and commit."""
-    fields = [f.name for f in dataclasses.fields(Row)] + list(CSV_META)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
+class RowWriter:
+    """The CSV and JSON results, written as the rows are measured, so that a run cut off (a time limit, a kill)
+    leaves every row measured until then: the CSV gains each point's rows and is flushed; the JSON is replaced
+    whole (atomically) after each point, with "complete": false until close(). One CSV row per (point,
+    backend), each carrying the device, date, versions and commit."""
+
+    def __init__(self, csv_path: Path, json_path: Path, meta: dict):
+        self.json_path, self.meta, self.rows = json_path, meta, []
+        self.csv_file = csv_path.open("w", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=[f.name for f in dataclasses.fields(Row)] + list(CSV_META))
+        self.csv.writeheader()
+        self.add([])
+
+    def add(self, rows: list[Row]) -> None:
         for row in rows:
-            writer.writerow({**dataclasses.asdict(row), **{k: meta[k] for k in CSV_META}})
+            self.csv.writerow({**dataclasses.asdict(row), **{k: self.meta[k] for k in CSV_META}})
+        self.csv_file.flush()
+        self.rows.extend(rows)
+        self._write_json(complete=False)
 
+    def close(self) -> None:
+        self.csv_file.close()
+        self._write_json(complete=True)
 
-def write_json(path: Path, rows: list[Row], meta: dict) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    def _write_json(self, complete: bool) -> None:
+        partial = self.json_path.with_name(self.json_path.name + ".partial")
+        data = {"meta": self.meta, "complete": complete, "results": [dataclasses.asdict(r) for r in self.rows]}
+        partial.write_text(json.dumps(data, indent=1))
+        os.replace(partial, self.json_path)
 
 
 def _markdown_table(header: list[str], lines: list[list[str]]) -> list[str]:
@@ -573,6 +594,8 @@ def build_parser() -> Parser:
 def config_from(args: argparse.Namespace) -> Config:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset]
+    if device.type not in preset.sweeps:
+        build_parser().error(f"preset {args.preset} has no {device.type} sweep (it has: {', '.join(preset.sweeps)})")
     sweep = preset.sweeps[device.type]
     overrides = {k: tuple(v) for k in ("cells", "batch", "hidden", "seq_len", "layers", "dtypes", "modes")
                  if (v := getattr(args, k)) is not None}  # fmt: skip
@@ -581,7 +604,7 @@ def config_from(args: argparse.Namespace) -> Config:
         schedule = dataclasses.replace(schedule, min_repeats=args.repeats, max_repeats=args.repeats)
     if args.warmup:
         schedule = dataclasses.replace(schedule, warmup=args.warmup)
-    fused = tuple(args.backends) if args.backends else FUSED_BACKENDS[device.type]
+    fused = tuple(args.backends or preset.backends or FUSED_BACKENDS[device.type])
     backends = (BASELINE, *dict.fromkeys(b for b in fused if b != BASELINE))
     return Config(args.preset, dataclasses.replace(sweep, **overrides), args.input_size, backends, device,
                   schedule, args.seed)  # fmt: skip
@@ -606,13 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from(args)
     paths = output_paths(args, config)
     meta = metadata(config, argv)  # before the run: the load average is then other work's
-    rows = run_sweep(config, progress=not args.quiet)
-    print(f"{meta['device']} | torch {meta['torch']} | {meta['date']} | commit {meta['git_commit'][:12]}")
-    print(format_table(rows))
     for path in filter(None, paths.values()):
         path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(paths["csv"], rows, meta)
-    write_json(paths["json"], rows, meta)
+    writer = RowWriter(paths["csv"], paths["json"], meta)
+    rows = run_sweep(config, progress=not args.quiet, on_rows=writer.add)
+    writer.close()
+    print(f"{meta['device']} | torch {meta['torch']} | {meta['date']} | commit {meta['git_commit'][:12]}")
+    print(format_table(rows))
     paths["markdown"].write_text(markdown_report(rows, meta))
     if paths["plot"]:
         from bench.plot import plot_speedups

@@ -28,7 +28,9 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <string>
+#include <vector>
 
 #include "launchers.h"
 
@@ -84,12 +86,45 @@ cudaStream_t stream_of(const Tensor& x) {
 }
 
 void check(cudaError_t err, Scheme used, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fusedrnn cuda: ", what, " kernel failed: ", cudaGetErrorString(err));
+  if (err != cudaSuccess) {
+    // A refused launch (configuration, resources) also sits in the runtime's last-error slot: clear it, or the
+    // next unrelated torch op that checks cudaGetLastError would raise it as its own.
+    cudaGetLastError();
+    TORCH_CHECK(false, "fusedrnn cuda: ", what, " kernel failed: ", cudaGetErrorString(err));
+  }
   last_scheme_name = used == Scheme::persistent ? "persistent" : "per_step";
 }
 
 const void* ptr_or_null(const OptTensor& t) { return t && t->defined() ? t->data_ptr() : nullptr; }
 bool present(const OptTensor& t) { return t && t->defined(); }
+
+using Tensors = std::vector<Tensor>;
+
+// The kernels read lengths, weights and masks through raw pointers typed by x's dtype, on x's device: refuse
+// anything else with the argument's name (the modules never pass it; a direct call or swapped parameters might).
+void check_inputs(const Tensor& x, const OptTensor& lengths, const Tensors& w_ih, const Tensors& w_hh,
+                  const Tensors& b_ih, const Tensors& b_hh, const Tensors& w_hr, const Tensors& masks) {
+  if (present(lengths)) {
+    const Tensor& n = *lengths;
+    TORCH_CHECK(n.scalar_type() == at::kLong, "fusedrnn cuda: lengths must be int64, got ", n.scalar_type());
+    TORCH_CHECK(n.device() == x.device(), "fusedrnn cuda: lengths is on ", n.device(), ", the input on ", x.device(),
+                "; lengths must be on the input's device");
+    TORCH_CHECK(n.dim() == 1 && n.size(0) == x.size(1), "fusedrnn cuda: lengths must have shape (B,) = (", x.size(1),
+                ",), got ", n.sizes());
+    TORCH_CHECK(n.is_contiguous(), "fusedrnn cuda: lengths must be contiguous");
+  }
+  const std::pair<const char*, const Tensors*> named[] = {{"w_ih", &w_ih}, {"w_hh", &w_hh}, {"b_ih", &b_ih},
+                                                          {"b_hh", &b_hh}, {"w_hr", &w_hr}, {"masks", &masks}};
+  for (const auto& [name, ts] : named) {
+    for (size_t l = 0; l < ts->size(); ++l) {
+      const Tensor& t = (*ts)[l];
+      TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fusedrnn cuda: ", name, "[", l, "] is ", t.scalar_type(),
+                  ", the input ", x.scalar_type(), "; weights and masks must have the input's dtype");
+      TORCH_CHECK(t.device() == x.device(), "fusedrnn cuda: ", name, "[", l, "] is on ", t.device(), ", the input on ",
+                  x.device(), "; weights and masks must be on the input's device");
+    }
+  }
+}
 
 Shape shape_of(const Tensor& x, int64_t H, int64_t P, const OptTensor& lengths, bool reverse) {
   return Shape{static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(H), static_cast<int>(P),
@@ -157,8 +192,6 @@ cudaError_t run_backward(Kind kind, Dtype dtype, const StackBackwardArgs& a, Sch
   }
 }
 
-using Tensors = std::vector<Tensor>;
-
 const void* ptr_at(const Tensors& ts, size_t i) { return i < ts.size() ? ts[i].data_ptr() : nullptr; }
 Tensors contiguous_all(const Tensors& ts) {
   Tensors out;
@@ -192,6 +225,7 @@ std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, cons
   const c10::DeviceGuard guard(x.device());
   const CellInfo cell = cell_info(mode);
   check_depth(w_ih.size());
+  check_inputs(x, lengths, w_ih, w_hh, b_ih, b_hh, w_hr, masks);
   const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
   const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2);
   const bool lstm = cell.kind == Kind::lstm, proj = !w_hr.empty(), dropout = !masks.empty();
@@ -245,6 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
   const c10::DeviceGuard guard(x.device());
   const CellInfo cell = cell_info(mode);
   check_depth(w_ih.size());
+  check_inputs(x, lengths, w_ih, w_hh, b_ih, b_hh, w_hr, masks);
   const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
   const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2), GH = cell.gates * H;
   const bool lstm = cell.kind == Kind::lstm, gru = cell.kind == Kind::gru, proj = !w_hr.empty();
@@ -328,6 +363,7 @@ bool fits_on_chip(const std::string& mode, const Tensor& x, int64_t H, int64_t P
     default:
       err = rnn_fits_on_chip(cell.kind == Kind::rnn_relu, dtype, sh, L, backward, &fits);
   }
+  if (err != cudaSuccess) cudaGetLastError();  // as in check(): leave no error behind for the next torch op
   TORCH_CHECK(err == cudaSuccess, "fusedrnn cuda: planning failed: ", cudaGetErrorString(err));
   return fits;
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from . import reference, toolchain
 from .reference import GATES, workspace_shape  # noqa: F401  (same ws layout as the reference)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,15 +41,17 @@ def sources():
 
 
 def _jit_build():
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
     if not (CSRC / "cuda_binding.cpp").exists():
         raise FileNotFoundError(f"{CSRC} has no sources (an install without csrc/)")
-    return load(
+    if toolchain.configure(cpp_extension) is None:
+        raise FileNotFoundError("no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset, no /usr/local/cuda)")
+    return cpp_extension.load(
         name="fusedrnn_cuda",
         sources=sources(),
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-std=c++17"],
+        extra_cflags=toolchain.CXX_FLAGS,
+        extra_cuda_cflags=toolchain.NVCC_FLAGS,
         verbose=os.environ.get("FUSEDRNN_VERBOSE_BUILD") == "1",
     )
 
@@ -88,6 +90,8 @@ def unavailable_reason(device, dtype, mode):
         return f"{dtype} is not supported (float32, float16, bfloat16); use backend 'reference' for it"
     if SCHEME not in SCHEMES:
         return f"FUSEDRNN_CUDA_SCHEME must be one of {SCHEMES}, got {SCHEME!r}"
+    if not torch.cuda.is_available():  # before loading: without a card, a first-use build would be for nothing
+        return "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
     return _load()[1]
 
 

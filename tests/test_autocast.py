@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CELLS, FACTOR, FLOOR, _flatten_out, cell_kwargs, make_pair, random_hx, random_input, rel_err
+from conftest import (CELLS, FACTOR, FLOOR, _flatten_out, cell_kwargs, kink_prone, make_pair, off_relu_kink, random_hx,
+                      random_input, rel_err)
 from fusedrnn.compile import compile_support
 
 CPU_CASES = [(cell, 0) for cell in CELLS] + [("lstm", 3)]  # (cell, proj_size)
@@ -37,6 +38,8 @@ def _run(model, x, hx, device, dtype):
 def _check_like_torch(cell, proj_size, device, dtype):
     fused, ref = make_pair(cell, 5, 7, num_layers=2, bidirectional=True, **cell_kwargs(cell, proj_size))
     x, hx = random_input(6, 3, 5), random_hx(cell, 4, 3, 7, proj_size=proj_size)
+    if device == "cuda" and kink_prone(cell, dtype):  # relu in half precision: away from the kink (conftest says why)
+        hx = off_relu_kink(fused, ref, x, hx)
     gold = _run(ref.double(), x, hx, "cpu", None)  # the truth: float64 throughout
     ref.float()
     fused, ref = fused.to(device), ref.to(device)

@@ -158,3 +158,58 @@ def test_stack_vs_layers_times_both_paths(tmp_path, monkeypatch):
         calls.clear()
         svl.step(*models[name], x, train=True)()
         assert len(calls) == expected_calls, name
+
+
+KILLED_AFTER_TWO_POINTS = """
+import os, signal, sys
+from bench import run
+measure, seen = run.measure_point, []
+def measure_then_die(point, config):
+    if len(seen) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a time limit's kill would: no handler, no cleanup
+    seen.append(point)
+    return measure(point, config)
+run.measure_point = measure_then_die
+run.main(sys.argv[1:])
+"""
+
+
+def test_rows_measured_before_a_kill_are_on_disk(tmp_path):
+    """bench/run.py writes each point's rows as measured: killed at its third point, the CSV and the JSON hold
+    the first two points' rows (the JSON marked incomplete)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(run.__file__).resolve().parents[1]
+    args = ["--device", "cpu", "--preset", "smoke", "--out-dir", str(tmp_path), "--quiet", "--no-plot"]
+    done = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_POINTS, *args], cwd=root, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    (json_path,) = tmp_path.glob("*.json")
+    data = json.loads(json_path.read_text())
+    backends = 1 + len(run.FUSED_BACKENDS["cpu"])
+    assert data["complete"] is False and len(data["results"]) == 2 * backends
+    assert data["meta"]["device"] and all(r["status"] for r in data["results"])
+    with next(tmp_path.glob("*.csv")).open() as f:
+        assert [r["backend"] for r in csv.DictReader(f)] == [r["backend"] for r in data["results"]]
+
+
+def test_a_finished_run_is_marked_complete(tmp_path):
+    run_cli(tmp_path, "--preset", "smoke", "--cells", "gru", "--modes", "inference", "--no-plot")
+    (json_path,) = tmp_path.glob("*.json")
+    assert json.loads(json_path.read_text())["complete"] is True
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_gpu_lease_preset_is_the_trimmed_cuda_sweep(capsys):
+    """The preset bench/gpu_check.sh runs: the book's model and 16 LSTM points, both fused GPU backends vs cuDNN
+    (no reference), CUDA only (on the CPU a one-line error)."""
+    preset = run.PRESETS["gpu-lease"]
+    assert preset.backends == ("cuda", "triton") and set(preset.sweeps) == {"cuda"}
+    points = run.sweep_points(preset.sweeps["cuda"], None)
+    assert len(points) == 20 and {p.dtype for p in points} == {"float32", "bfloat16"}
+    assert sum(p.tag == "book" for p in points) == 4
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "gpu-lease", "--device", "cpu"])
+    assert "preset gpu-lease has no cpu sweep" in capsys.readouterr().err

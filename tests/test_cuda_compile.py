@@ -36,10 +36,10 @@ KERNELS_PER_FILE = {"lstm_cell.cu": 12, "gru_cell.cu": 12, "rnn_cell.cu": 24}  #
 
 
 def _cuda_include():
-    from torch.utils.cpp_extension import CUDA_HOME
+    from fusedrnn.toolchain import find_cuda_home
 
-    path = Path(CUDA_HOME or "/usr/local/cuda") / "include"
-    return path if (path / "cuda_runtime.h").exists() else None
+    home = find_cuda_home()
+    return home / "include" if home and (home / "include" / "cuda_runtime.h").exists() else None
 
 
 # ---- 1. nvcc + ptxas report -----------------------------------------------------------------------------
@@ -342,3 +342,50 @@ def test_emulated_stack_random_shapes(emulated):
         scheme = rng.choice(["persistent", "per_step"]) if fits else "per_step"
         inputs, cot = random_stack(mode, L, T, B, I, H, P, lengths, rng.random() < 0.6)
         check_stack_oracle(*_emulated_stack(emulated, scheme), mode, inputs, cot, dtype, rng.random() < 0.8)
+
+
+# ---- the binding's input checks (the same code the GPU build runs) -------------------------------------------
+def _bad_call(emulated, **change):
+    """A small LSTM layer call to the binding, float32, with the named arguments replaced."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = (
+        t if t is None or t.dtype == torch.int64 else t.float() for t in _layer("lstm", 4, 3, 5, 6, 6, [4, 2, 3])
+    )
+    args = {"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
+            "lengths": lengths}
+    args.update(change)
+    return emulated.forward("lstm", *args.values(), False, True, "persistent", True)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda: {"lengths": torch.tensor([4, 2, 3], dtype=torch.int32)}, "lengths must be int64"),
+        (lambda: {"lengths": torch.tensor([4, 2, 3], device="meta")}, "lengths is on meta"),
+        (lambda: {"lengths": torch.tensor([[4, 4], [2, 2], [3, 3]])[:, 0]}, "lengths must be contiguous"),
+        (lambda: {"lengths": torch.tensor([4, 2])}, r"lengths must have shape \(B,\) = \(3,\)"),
+        (lambda: {"w_hh": torch.randn(24, 6, dtype=torch.float64)}, r"w_hh\[0\] is Double, the input Float"),
+        (lambda: {"b_ih": torch.randn(24, dtype=torch.float16)}, r"b_ih\[0\] is Half"),
+        (lambda: {"w_ih": torch.randn(24, 5, device="meta")}, r"w_ih\[0\] is on meta"),
+    ],
+    ids=["lengths-int32", "lengths-device", "lengths-strided", "lengths-shape", "w_hh-dtype", "b_ih-dtype",
+         "w_ih-device"],
+)
+def test_binding_refuses_bad_inputs_by_name(emulated, change, message):
+    with pytest.raises(RuntimeError, match=message):
+        _bad_call(emulated, **change())
+
+
+def test_module_with_a_swapped_weight_gets_the_bindings_error(emulated, monkeypatch):
+    """Through the public module: a recurrent weight swapped for a float64 one reaches the binding (the modules,
+    like torch.nn, leave parameter dtypes to the kernels), which names it instead of reading it as float32."""
+    import fusedrnn
+    from fusedrnn import cuda
+
+    monkeypatch.setattr(cuda, "_ext", lambda: emulated)
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device, dtype, mode: None)
+    monkeypatch.setattr(cuda, "SCHEME", "persistent")
+    model = fusedrnn.LSTM(3, 4, num_layers=2, backend="cuda")
+    model(torch.randn(5, 2, 3))  # as built, it runs
+    model.weight_hh_l1 = torch.nn.Parameter(model.weight_hh_l1.detach().double())
+    with pytest.raises(RuntimeError, match=r"w_hh\[1\] is Double, the input Float"):
+        model(torch.randn(5, 2, 3))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import fusedrnn
 from fusedrnn import backend as backends
-from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed
+from conftest import CELLS, check_oracle, kink_prone, make_pair, random_hx, random_input, random_packed
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
 TRITON_ON_CPU = "triton" in fusedrnn.available_backends("cpu")  # the interpreter: ~10 ms per program
@@ -90,6 +90,9 @@ def draw_and_check(data, backend, device, dtypes, **limits):
         pytest.skip(f"{backend} on {device}: {backends._reason(backend, device, dtypes[0], 'lstm')}")
     c = data.draw(configs(runnable, **limits))
     assume(backends._reason(backend, device, c["dtype"], c["cell"]) is None)
+    # relu in half precision meets its kink by chance (conftest); test_cuda.py / test_triton_gpu.py run it with
+    # inputs kept away from the kink
+    assume(device == "cpu" or not kink_prone(c["cell"], c["dtype"]))
     torch.manual_seed(c["seed"])
     fused, ref = make_pair(c["cell"], c["input_size"], c["hidden"], backend, device=device, **c["kwargs"])
     x, hx = _inputs(c)
@@ -113,7 +116,7 @@ def test_triton_interpreted_matches_torch(data):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "triton", "reference"))
-@_settings(max_examples=40)
+@_settings(max_examples=15)  # the GPU lease's share: each Triton example compiles ~2-6 kernels (~0.5 s each)
 @given(data=st.data())
 def test_gpu_backend_matches_cudnn(backend, data):
     draw_and_check(data, backend, "cuda", (torch.float32, torch.float16, torch.bfloat16))

@@ -12,7 +12,8 @@ import fusedrnn
 from fusedrnn import backend as backends
 from fusedrnn.ops import run_layer
 from fusedrnn.reference import GATES
-from conftest import CELLS, FLOOR, check_oracle, make_pair, random_hx, random_input, rel_err, run_model
+from conftest import (CELLS, FLOOR, RELU_H_BOUND, RELU_MARGIN, RELU_RHO, check_oracle, keep_off_relu_kink, make_pair,
+                      off_relu_kink, random_hx, random_input, rel_err, relu_layers, run_model)
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
 ALL_CPU_BACKENDS = fusedrnn.available_backends("cpu")  # triton (interpreted) too: these shapes are tiny
@@ -152,3 +153,55 @@ def test_float16_in_range(backend, cell):
     _require(backend, cell, torch.float16)
     fused, ref = make_pair(cell, 4, 6, backend, num_layers=2)
     check_oracle(fused, ref, random_input(5, 3, 4), random_hx(cell, 2, 3, 6), dtype=torch.float16)
+
+
+# ---- the half-precision relu cases' inputs (conftest.keep_off_relu_kink) stay away from the kink ---------------
+def _relu_preactivations(layers, x, h0, masks=()):
+    """Every pre-activation of a relu RNN over x: (T, B, I), float64; layers as for keep_off_relu_kink, h0:
+    (L * D, B, H); masks[l]: (T, B, D * H) multiplies the input of layer l + 1 (dropout). -> (N, H) rows."""
+    zs, inputs = [], x
+    for l, directions in enumerate(layers):
+        outputs = []
+        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(directions):
+            h, ys = h0[l * len(directions) + d], [None] * x.shape[0]
+            for t in range(x.shape[0]) if d == 0 else reversed(range(x.shape[0])):
+                z = inputs[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+                zs.append(z)
+                h = ys[t] = z.clamp_min(0)
+            outputs.append(torch.stack(ys))
+        inputs = torch.cat(outputs, 2) * (masks[l] if l < len(masks) else 1)
+    return torch.cat(zs)
+
+
+def _rounded(layers, dtype):
+    return [[tuple(w.detach().to(dtype).double() for w in direction) for direction in directions]
+            for directions in layers]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("T,B,I,H,layers,bidirectional", [(7, 2, 9, 123, 2, True), (4, 5, 6, 6, 3, False),
+                                                          (3, 40, 8, 64, 1, True), (4, 8, 32, 1024, 1, False)])
+def test_relu_cases_stay_off_the_kink(dtype, T, B, I, H, layers, bidirectional):
+    """With the weights rounded to half and the inputs too, every pre-activation is at least RELU_MARGIN from
+    0 (minus rounding), some units are on and some off, and no state leaves the bound."""
+    fused, ref = make_pair("rnn_relu", I, H, "reference", dtype=torch.float64, num_layers=layers,
+                           bidirectional=bidirectional)
+    x, hx = random_input(T, B, I), random_hx("rnn_relu", layers * (1 + bidirectional), B, H) * 3
+    hx = off_relu_kink(fused, ref, x, hx)
+    assert torch.equal(ref.weight_hh_l0, fused.weight_hh_l0) and hx.abs().max() <= RELU_H_BOUND
+    z = _relu_preactivations(_rounded(relu_layers(fused), dtype), x.to(dtype).double(), hx.to(dtype).double())
+    assert z.abs().min() >= 0.98 * RELU_MARGIN
+    assert (z > 0).any() and (z < 0).any() and z.abs().max() <= 1.02 * (RELU_MARGIN + 2 + 2 * RELU_RHO * RELU_H_BOUND)
+
+
+def test_relu_stack_with_dropout_stays_off_the_kink():
+    """The stack contract's case (test_cuda.py::test_stack_with_dropout_masks): layer inputs scaled by masks."""
+    layers, T, B, I, H = 3, 9, 5, 7, 33
+    params = [[(torch.randn(H, I if l == 0 else H, dtype=torch.float64), torch.randn(H, H, dtype=torch.float64),
+                torch.randn(H, dtype=torch.float64), torch.randn(H, dtype=torch.float64))] for l in range(layers)]
+    masks = [torch.bernoulli(torch.full((T, B, H), 0.6, dtype=torch.float64)) / 0.6 for _ in range(layers - 1)]
+    x = random_input(T, B, I)
+    keep_off_relu_kink(params, x.abs().max().item(), input_gain=1 / 0.6)
+    h0 = random_hx("rnn_relu", layers, B, H).clamp(-RELU_H_BOUND, RELU_H_BOUND)
+    z = _relu_preactivations(_rounded(params, torch.bfloat16), x.bfloat16().double(), h0, masks)
+    assert z.abs().min() >= 0.98 * RELU_MARGIN

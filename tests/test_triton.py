@@ -4,6 +4,7 @@ lengths, tiling edge cases. Checked against torch.nn (and the reference backend)
 conftest.py. On a CUDA machine the interpreter is off and these skip; tests/test_triton_gpu.py runs there.
 """
 
+import math
 import sys
 
 import pytest
@@ -199,11 +200,68 @@ def test_tanh_has_float32_relative_precision():
     assert out[:2].tolist() == [1.0, -1.0] and out[2].isnan() and out[3] == 0.0
 
 
-if _REASON is None:  # a kernel that applies the backends' tanh elementwise (jit functions resolve module globals)
+def _tf32_nearest(x):
+    """x (a Python float, finite) rounded to nearest, ties to even, at tf32's precision (11 significant bits;
+    fp32's exponent range, so below 2**-125 the spacing stays 2**-136): the spec, from frexp, not from bits."""
+    if x == 0.0:
+        return x
+    exponent = math.frexp(x)[1]  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    spacing = max(exponent, -125) - 11
+    return round(x / 2.0**spacing) * 2.0**spacing  # round() rounds half to even
+
+
+def test_round_to_tf32_is_round_to_nearest_even():
+    """The kernels' tf32 operand rounding (see common.round_to_tf32) against the spec: below, at and above
+    the halfway point of the dropped 13 bits, ties both ways, both signs, subnormals, overflow, inf, NaN."""
+    ulp = 2.0**-10
+    values = [1 + f * ulp for f in (0.25, 0.4999, 0.5, 0.5001, 0.75, 1.5, 2.5)]
+    values += [-v for v in values] + [3.0e-40, 1.2e-38, 1.0e-45, 3.4e38, 65504.0, 1e-3, 0.1, 1 / 3]
+    x = torch.tensor(values, dtype=torch.float32)
+    y = torch.empty_like(x)
+    _apply_round[(1,)](x, y, x.numel(), BLOCK=64)
+    want = torch.tensor([_tf32_nearest(v) for v in x.tolist()], dtype=torch.float64).float()  # 2**128 -> inf
+    assert torch.equal(y, want), [(a, b, c) for a, b, c in zip(x.tolist(), y.tolist(), want.tolist()) if b != c]
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    out = torch.empty_like(special)
+    _apply_round[(1,)](special, out, 3, BLOCK=4)
+    assert out[:2].tolist() == [float("inf"), -float("inf")] and out[2].isnan()
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_tile_matmul_rounds_tf32_operands(precision):
+    """tf32 products see operands rounded to nearest (1 + 0.75 ulp -> 1 + 1 ulp), not the raw fp32 bits the
+    tensor cores would truncate (-> 1); ieee products see them exactly. The interpreter's dot is exact fp32."""
+    K, a_value = 32, 1 + 0.75 * 2.0**-10
+    a = torch.full((16, K), a_value)
+    w = torch.ones(K, 16)
+    out = torch.empty(16, 16)
+    _apply_tile_matmul[(1,)](a, w, out, K, PRECISION=precision, BLOCK=16, BLOCK_K=16)
+    operand = 1 + 2.0**-10 if precision == "tf32" else a_value
+    assert torch.equal(out, torch.full((16, 16), K * operand))
+
+
+if _REASON is None:  # kernels that apply the backends' jit helpers (jit functions resolve module globals)
     import triton
     import triton.language as tl
 
+    from fusedrnn.triton.common import round_to_tf32 as _round_to_tf32
     from fusedrnn.triton.common import tanh as _tanh
+    from fusedrnn.triton.common import tile_matmul as _tile_matmul
+
+    @triton.jit
+    def _apply_round(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(y_ptr + offsets, _round_to_tf32(tl.load(x_ptr + offsets, mask=mask)), mask=mask)
+
+    @triton.jit
+    def _apply_tile_matmul(a_ptr, w_ptr, out_ptr, K, PRECISION: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        """out (BLOCK, BLOCK) = a (BLOCK, K) @ w (K, BLOCK), all row-major."""
+        idx = tl.arange(0, BLOCK)
+        ok = idx < BLOCK
+        acc = _tile_matmul(a_ptr, K, w_ptr, BLOCK, 1, idx, ok, idx, ok, K, PRECISION, BLOCK, BLOCK, BLOCK_K)
+        tl.store(out_ptr + idx[:, None] * BLOCK + idx[None, :], acc)
 
     @triton.jit
     def _apply_tanh(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

@@ -114,8 +114,26 @@ def tile_matmul(a_ptr, a_stride, w_ptr, w_stride_k, w_stride_n, rows, row_ok, co
         a = tl.load(a_ptr + rows[:, None] * a_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ks[:, None] * w_stride_k + cols[None, :] * w_stride_n,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        a = a.to(w.dtype)
+        if PRECISION == "tf32":
+            a, w = round_to_tf32(a), round_to_tf32(w)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 x rounded to nearest (ties to even) at tf32's 10 mantissa bits; inf and NaN kept as they are.
+
+    Triton's tf32 dot hands the raw fp32 bits to the tensor cores, which drop the low 13 mantissa bits: a
+    truncation, biased toward zero, whose error is about 2x that of cuBLAS / cuDNN (they round to nearest),
+    enough to fail an oracle of 2x torch.nn's error. Rounded here first, the truncation drops only zeros.
+    Plain integer arithmetic on the bits, so the interpreter runs the same rounding as the GPU."""
+    bits = x.to(tl.uint32, bitcast=True)
+    ties_to_even = (bits >> 13) & 1
+    rounded = (bits + 0xFFF + ties_to_even) & 0xFFFFE000
+    special = (bits & 0x7F800000) == 0x7F800000
+    return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
 
 
 @triton.jit
