@@ -25,7 +25,7 @@ from . import reference
 from .reference import GATES, workspace_shape  # noqa: F401  (same ws layout as the reference)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCHEMES = ("auto", "persistent", "per_step")
+SCHEMES = ("auto", "persistent", "per_step", "gemm")
 SCHEME = os.environ.get("FUSEDRNN_CUDA_SCHEME", "auto")
 POISON = False
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -107,7 +107,7 @@ def _by_layers(mode, x, w_hh, w_hr, backward):
     every layer at once) do not fit on chip but one layer's do. Where neither fits, the wavefront runs per
     step: T + L - 1 launches instead of L * T."""
     layers = len(w_hh)
-    if layers > _ext().max_layers:
+    if layers > _ext().max_layers or (SCHEME == "gemm" and layers > 1):  # gemm: one layer per call
         return True
     if SCHEME != "auto" or layers == 1:
         return False
