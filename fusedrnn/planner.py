@@ -77,6 +77,14 @@ class Device:
         return Device(p.name, p.major, p.multi_processor_count, p.shared_memory_per_block_optin, p.L2_cache_size, hbm)
 
 
+# Datasheet devices (SXM parts) for predictions without a GPU: bench/calibrate.py --predict, the unit tests.
+KNOWN_DEVICES = {
+    "H100": Device("NVIDIA H100 80GB HBM3", 9, 132, 227 * 1024, 50 * 2**20, _HBM_GBPS["H100"]),
+    "H200": Device("NVIDIA H200", 9, 132, 227 * 1024, 50 * 2**20, _HBM_GBPS["H200"]),
+    "A100": Device("NVIDIA A100-SXM4-80GB", 8, 108, 163 * 1024, 40 * 2**20, _HBM_GBPS["A100"]),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """One call: cell, T steps, B batch rows, I inputs, H units, P outputs (H without proj_size), L layers of a

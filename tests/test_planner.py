@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from fusedrnn import cuda, planner
-from fusedrnn.planner import CONSTANTS, Device, Shape, plan
+from fusedrnn.planner import CONSTANTS, KNOWN_DEVICES, Device, Shape, plan
 
-H100 = Device("NVIDIA H100 80GB HBM3", 9, 132, 227 * 1024, 50 * 2**20, 3350.0)
-A100 = Device("NVIDIA A100-SXM4-80GB", 8, 108, 163 * 1024, 40 * 2**20, 2039.0)
-BOOK = dict(cell="lstm", T=35, B=32, I=28, H=256, P=256)  # the book's model, per layer
+H100, A100 = KNOWN_DEVICES["H100"], KNOWN_DEVICES["A100"]
+BOOK = {"cell": "lstm", "T": 35, "B": 32, "I": 28, "H": 256, "P": 256}  # the book's model, per layer
 
 
 def _shape(dtype=torch.float32, L=1, **kw):
@@ -41,7 +40,7 @@ def test_large_batch_and_hidden_run_on_tensor_cores(dtype):
 
 def test_float32_gemm_follows_torchs_tf32_setting():
     """ATen's GEMMs run TF32 only when torch.backends.cuda.matmul.allow_tf32 is set; the model reads it."""
-    shape = dict(B=64, H=1024, P=1024, I=1024)
+    shape = {"B": 64, "H": 1024, "P": 1024, "I": 1024}
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
