@@ -182,7 +182,7 @@ def table(points, constants, dev):
 BOOK = ("lstm", 35, 32, 28, 256, 2, "float32")  # cell, T, B, I, H, L, dtype
 CORNERS = [("lstm", T, B, H, H, L, dt) for dt in ("float32", "bfloat16") for L in (1, 2) for T in (35, 256)
            for B in (1, 256) for H in (128, 1024)]
-COLUMNS = ("persistent", "per_step", "gemm", "triton", "wavefront-persistent", "wavefront-per_step")
+COLUMNS = ("persistent", "per_step", "gemm", "triton", "triton_split", "wavefront-persistent", "wavefront-per_step")
 
 
 def predictions(device_name):

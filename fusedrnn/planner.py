@@ -14,6 +14,8 @@ P outputs, G gates; the recurrent product is m = B * G*H * P multiply-adds (plus
               (scaled by how many 64 x 128 output tiles the SMs get) + W_hh bytes / cache bandwidth)
   triton      triton_step_us + W_hh bytes / one SM's cache bandwidth (each program of 16 batch rows streams all
               of W_hh every step) + its share of the product on one SM's tensor cores
+  triton_split  one Triton launch per phase + max(W_hh bytes per batch tile / the cache bandwidth of the SMs
+              its (batch tile x 32 units) programs occupy, the product on those SMs' tensor cores)
 A stack of L layers runs T + L - 1 super-steps as one wavefront (persistent or per_step, every layer's W_hh and
 W_ih slices on chip at once) or L * T steps layer by layer; the backward costs about twice the forward in every
 scheme, and the weight-gradient GEMMs after it are the same in all of them, so the forward's steps decide.
@@ -32,6 +34,7 @@ CONSTANTS = {
     "grid_barrier_us": 1.5,  # one cooperative grid.sync() across every SM
     "step_latency_us": 1.0,  # a persistent step's own latency: h through L2, block barriers
     "triton_step_us": 2.0,  # a Triton program's step: h through global memory, a block barrier
+    "triton_launch_us": 20.0,  # host cost of one Triton kernel launch from Python (the split variant's per step)
     "fma_efficiency": 0.35,  # share of the FP32 FMA peak block_matvec reaches (shuffles, shared-memory loads)
     "gemm_efficiency": 0.6,  # share of the tensor-core peak a cuBLAS GEMM with enough tiles reaches
     "l2_gbps": 5500.0,  # L2 read bandwidth of the whole chip
@@ -46,6 +49,7 @@ _FLOP_PER_CLOCK_SM = {
 _HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # by name; unknown cards get the lowest
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SCHEMES = ("persistent", "per_step", "gemm")
+TRITON_VARIANTS = {"triton": "persistent", "triton_split": "split"}  # candidate -> fusedrnn.triton variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +149,13 @@ def step_us(scheme, shape, device, layers=1):
     c = CONSTANTS
     proj = shape.P != shape.H
     flops = 2 * shape.macs * layers * (2 if layers > 1 else 1)  # a wavefront also projects W_ih on chip
+    unit = "half" if shape.elem == 2 else "tf32" if shape.tf32 else "fp32"  # the tensor cores' input type
     if scheme == "persistent":
         return (1 + proj) * (c["grid_barrier_us"] + c["step_latency_us"]) + _fma_us(flops, device, device.sms)
     if scheme == "per_step":
         memory = layers * shape.weight_bytes / (_cache_gbps(shape, device, layers) * 1e3)
         return (1 + proj) * c["launch_us"] + max(memory, _fma_us(flops, device, device.sms))
     if scheme == "gemm":
-        unit = "half" if shape.elem == 2 else "tf32" if shape.tf32 else "fp32"
         tiles = math.ceil(shape.B / 64) * math.ceil(GATES[shape.cell] * shape.H / 128)
         rate = device.flops_per_us(unit) * c["gemm_efficiency"] * min(1.0, tiles / device.sms)
         device_us = flops / rate + shape.weight_bytes / (_cache_gbps(shape, device) * 1e3)
@@ -159,15 +163,21 @@ def step_us(scheme, shape, device, layers=1):
     if scheme == "triton":
         one_sm_gbps = c["l2_gbps"] / device.sms
         tile_flops = 2 * min(shape.B, 16) * shape.macs / max(shape.B, 1)
-        one_sm_rate = device.flops_per_us("half" if shape.elem == 2 else "tf32" if shape.tf32 else "fp32") / device.sms
+        one_sm_rate = device.flops_per_us(unit) / device.sms
         return c["triton_step_us"] + shape.weight_bytes / (one_sm_gbps * 1e3) + tile_flops / one_sm_rate
+    if scheme == "triton_split":
+        tiles = math.ceil(shape.B / 16)
+        share = min(1.0, tiles * math.ceil(shape.H / 32) / device.sms)  # of the chip its programs occupy
+        memory = tiles * shape.weight_bytes / (c["l2_gbps"] * share * 1e3)
+        compute = 2 * tiles * 16 * shape.macs / max(shape.B, 1) / (device.flops_per_us(unit) * share)
+        return (1 + proj) * c["triton_launch_us"] + max(memory, compute)
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The choice for one call: backend ("cuda" or "triton"), the CUDA scheme, whether a stack runs layer by
-    layer, and the predicted forward microseconds of every candidate considered ({name: us})."""
+    """The choice for one call: backend ("cuda" or "triton"), the CUDA scheme (or the Triton variant), whether a
+    stack runs layer by layer, and the predicted forward microseconds of every candidate considered ({name: us})."""
 
     backend: str
     scheme: str
@@ -177,7 +187,7 @@ class Plan:
 
 def candidates(shape, device, fits=None):
     """{candidate: predicted forward microseconds} for every way this call can run. Candidates are "persistent",
-    "per_step", "gemm" (layer by layer) and "triton", and for stacks "wavefront-persistent" and
+    "per_step", "gemm" (layer by layer), "triton" and "triton_split", and for stacks "wavefront-persistent" and
     "wavefront-per_step". fits(layers) -> bool says whether `layers` layers run persistent; default: the
     model's estimate (fits_on_chip)."""
     fits = fits or (lambda layers: fits_on_chip(shape, device, layers))
@@ -187,7 +197,8 @@ def candidates(shape, device, fits=None):
         out["persistent"] = L * T * step_us("persistent", shape, device)
     out["per_step"] = L * T * step_us("per_step", shape, device)
     out["gemm"] = L * T * step_us("gemm", shape, device)
-    out["triton"] = L * T * step_us("triton", shape, device)
+    for candidate in TRITON_VARIANTS:
+        out[candidate] = L * T * step_us(candidate, shape, device)
     if L > 1:
         if fits(L):
             out["wavefront-persistent"] = (T + L - 1) * step_us("persistent", shape, device, L)
@@ -198,9 +209,9 @@ def candidates(shape, device, fits=None):
 def plan(shape, device, fits=None, backends=("cuda", "triton")):
     """The fastest predicted way to run `shape` on `device` among the backends available."""
     predicted = candidates(shape, device, fits)
-    usable = {k: v for k, v in predicted.items() if ("triton" if k == "triton" else "cuda") in backends}
+    usable = {k: v for k, v in predicted.items() if ("triton" if k in TRITON_VARIANTS else "cuda") in backends}
     best = min(usable, key=usable.get)
-    if best == "triton":
-        return Plan("triton", "", True, predicted)
+    if best in TRITON_VARIANTS:
+        return Plan("triton", TRITON_VARIANTS[best], True, predicted)
     scheme = best.removeprefix("wavefront-")
     return Plan("cuda", scheme, shape.L > 1 and not best.startswith("wavefront-"), predicted)

@@ -118,3 +118,30 @@ def test_forced_scheme_wins_over_the_planner(monkeypatch):
         monkeypatch.setattr(cuda, "SCHEME", scheme)
         chosen = cuda._plan("lstm", x, w[:1], w[1:], [], 2, backward=False)
         assert (chosen.scheme, chosen.by_layers) == (scheme, scheme == "gemm")
+
+
+def test_triton_splits_the_units_at_small_batch():
+    """B <= 16 leaves the persistent Triton kernel one program, streaming all of W_hh each step on one SM; the split
+    variant spreads W_hh over H / 32 programs. At B=256 there are programs enough already."""
+    wide = _shape(B=1, H=1024, P=1024, I=1024)
+    assert planner.step_us("triton_split", wide, H100) < planner.step_us("triton", wide, H100) / 5
+    assert plan(wide, H100, backends=("triton",)).scheme == "split"
+    busy = _shape(torch.bfloat16, B=256, H=128, P=128)
+    assert plan(busy, H100, backends=("triton",)).scheme == "persistent"
+
+
+def test_triton_variant_is_forced_or_planned(monkeypatch):
+    from fusedrnn.triton import common
+
+    x = torch.empty(5, 1, 1024)
+    for forced, want in (("split", True), ("persistent", False)):
+        monkeypatch.setattr(common, "VARIANT", forced)
+        assert common.split(x, 1024, 1024, "lstm") is want
+    monkeypatch.setattr(common, "VARIANT", "auto")  # on the CPU: the planner on the host emulation's device
+    shape = Shape.of("lstm", 5, 1, 1024, 1024, 1024, 1, torch.float32)
+    emu = Device.of("cpu")
+    assert common.split(x, 1024, 1024, "lstm") is (
+        planner.step_us("triton_split", shape, emu) < planner.step_us("triton", shape, emu))
+    monkeypatch.setattr(common, "VARIANT", "sideways")
+    with pytest.raises(ValueError, match="FUSEDRNN_TRITON_VARIANT"):
+        common.split(x, 1024, 1024, "lstm")

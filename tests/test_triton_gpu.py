@@ -1,6 +1,7 @@
 """The Triton backend on a CUDA device vs cuDNN (torch.nn on CUDA) vs a float64 reference (conftest's oracle):
 outputs within 2x cuDNN's error, gradients within 3x, never NaN. Awkward shapes (H=123, B=1, T=1, I != H,
-a batch over several programs), large H, proj_size, packed lengths, tf32, and the book's model.
+a batch over several programs), large H, proj_size, packed lengths, tf32, and the book's model; both variants
+(persistent, split).
 
 Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here touches CUDA at import.
 """
@@ -21,6 +22,15 @@ def _triton_on_cuda():
     reason = triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
     if reason is not None:
         pytest.skip(f"triton backend on CUDA: {reason}")
+
+
+@pytest.fixture(autouse=True, params=["persistent", "split"])
+def variant(request, monkeypatch):
+    """Both variants of the kernels (fusedrnn/triton/common.py) on every test."""
+    from fusedrnn.triton import common
+
+    monkeypatch.setattr(common, "VARIANT", request.param)
+    return request.param
 
 
 @pytest.fixture
