@@ -196,13 +196,14 @@ cudaError_t gemm_forward(Kind kind, Dtype dtype, const ForwardArgs& a, const Ten
   Tensor gh = at::empty({sh.B, w_hh.size(0)}, y.options());
   Tensor r = proj ? at::empty({sh.B, sh.H}, y.options()) : Tensor();
   Tensor hr = proj ? at::empty({sh.B, sh.P}, y.options()) : Tensor();
+  const Tensor w_hhT = w_hh.t(), w_hrT = proj ? w_hr.t() : Tensor();
   cudaError_t err = cudaSuccess;
   for (int s = 0; s < sh.T && !err; ++s) {
     const int64_t t = sh.reverse ? sh.T - 1 - s : s;
-    at::mm_out(gh, s == 0 ? h0 : y[step_before(t, sh.reverse)], w_hh.t());
+    at::mm_out(gh, s == 0 ? h0 : y[step_before(t, sh.reverse)], w_hhT);
     err = gemm_step_forward(kind, dtype, a, GemmStep{s, kUnits, gh.data_ptr(), proj ? r.data_ptr() : nullptr}, stream);
     if (proj && !err) {
-      at::mm_out(hr, r, w_hr.t());
+      at::mm_out(hr, r, w_hrT);
       err = gemm_step_forward(kind, dtype, a, GemmStep{s, kOuts, hr.data_ptr(), nullptr}, stream);
     }
   }

@@ -125,9 +125,8 @@ def _plan(mode, x, w_ih, w_hh, w_hr, layers, backward):
 @functools.lru_cache(maxsize=4096)
 def _planned(mode, dtype, device, T, B, I, H, P, layers, proj, backward, tf32):
     """planner.plan among the CUDA schemes, with the launcher's exact answer to whether persistent fits. Cached:
-    a training step asks four times on a latency-bound path. tf32 is in the key because the model reads it."""
-    del tf32  # read by planner.Shape.of from torch's setting; a key here so a change re-plans
-    shape = planner.Shape.of(mode, T, B, I, H, P, layers, dtype)
+    a training step asks four times on a latency-bound path. tf32: torch.backends.cuda.matmul.allow_tf32."""
+    shape = planner.Shape.of(mode, T, B, I, H, P, layers, dtype, tf32)
     fits = functools.partial(_fits_on_chip, mode, dtype, device, H, P, proj=proj, backward=backward)
     return planner.plan(shape, planner.Device.of(device), fits=fits, backends=("cuda",))
 

@@ -116,9 +116,10 @@ class Shape:
         return (GATES[self.cell] * self.H * self.P + (self.P * self.H if self.P != self.H else 0)) * self.elem
 
     @staticmethod
-    def of(cell, T, B, I, H, P, L, dtype):
-        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        return Shape(cell, T, B, I, H, P, L, dtype.itemsize, tf32)
+    def of(cell, T, B, I, H, P, L, dtype, allow_tf32=None):
+        """The shape of a call in `dtype`; allow_tf32: torch's setting (default: read it now)."""
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+        return Shape(cell, T, B, I, H, P, L, dtype.itemsize, dtype == torch.float32 and allow_tf32)
 
 
 def fits_on_chip(shape, device, layers):

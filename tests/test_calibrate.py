@@ -29,7 +29,8 @@ def test_fit_recovers_the_constants_it_measures():
     launch, call, barrier, triton = 3.1, 7.3, 2.2, 4.4
     latency = CONSTANTS["step_latency_us"]
     tiny = _point(1, 32, "float32", {"per_step": T * launch / 1e3, "gemm": T * (launch + call) / 1e3,
-                                     "persistent": T * (barrier + latency) / 1e3, "triton": T * triton / 1e3}, T)
+                                     "persistent": T * (barrier + latency) / 1e3, "triton": T * triton / 1e3,
+                                     "triton_split": T * 21.5 / 1e3}, T)
     # a persistent point whose FMA work runs at 42 % of the FP32 peak
     shape = planner.Shape.of("lstm", 64, 256, 256, 256, 256, 1, torch.float32)
     work_us = 2 * shape.macs / (H100.flops_per_us("fp32") * 0.42)
@@ -39,7 +40,7 @@ def test_fit_recovers_the_constants_it_measures():
     gemm = {"efficiency": 0.71}
     got = calibrate.fit_constants(tiny, [small, big], l2, gemm, H100)
     want = {"launch_us": launch, "gemm_call_us": call, "grid_barrier_us": barrier, "triton_step_us": triton,
-            "fma_efficiency": 0.42, "gemm_efficiency": 0.71, "l2_gbps": 6123.0}
+            "triton_launch_us": 21.5, "fma_efficiency": 0.42, "gemm_efficiency": 0.71, "l2_gbps": 6123.0}
     for name, value in want.items():
         assert got[name] == pytest.approx(value, abs=0.011), name
     assert set(got) == set(CONSTANTS)  # the same keys: a drop-in replacement for planner.CONSTANTS

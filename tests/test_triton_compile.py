@@ -76,7 +76,8 @@ def _compile_case(mode, dtype, P, full, arch, tf32):
         signature = {name: _POINTER_TYPES[str(a.dtype).removeprefix("torch.")] if torch.is_tensor(a) else "i32"
                      for name, a in zip(kernel.arg_names, args)}
         signature.update({name: "constexpr" for name in constexprs})
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=_jit_attrs(args)),
+        attrs = _jit_attrs([None if name in kernel.do_not_specialize else a for name, a in zip(kernel.arg_names, args)])
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=compile_options)
         report.append(dict(kernel=kernel.fn.__name__, case=[mode, dtype, P, full, arch, tf32],
                            precision=constexprs["PRECISION"], mma="mma" in compiled.asm["ptx"],
@@ -87,8 +88,9 @@ def _compile_case(mode, dtype, P, full, arch, tf32):
 
 
 def _jit_attrs(args):
-    """What Triton's launcher specializes on at run time, for arguments like these: tensors whose address is
-    16-byte aligned (fresh allocations are) and integers divisible by 16 are marked divisible by 16. Without
+    """What Triton's launcher specializes on at run time, for arguments like these (None: an argument it does not
+    specialize): tensors whose address is 16-byte aligned (fresh allocations are) and integers divisible by 16 are
+    marked divisible by 16. Without
     them the compiler must assume any alignment and loads every element on its own."""
     import torch
 

@@ -41,6 +41,9 @@ _INT32_MAX = 2**31 - 1
 # projection, dL/dh_t, and the carry dh_{t-1} = dG W_hh.
 UNITS, OUTS, DH, CARRY = (tl.constexpr(1 << k) for k in range(4))
 VARIANTS = ("auto", "persistent", "split")
+# The kernels' step-range arguments: never specialized on their values (Triton compiles separate variants for
+# arguments equal to 1 or divisible by 16 otherwise, and the split variant passes every step number).
+STEP_RANGE = ["s_begin", "s_end"]
 VARIANT = os.environ.get("FUSEDRNN_TRITON_VARIANT", "auto")
 
 # True when the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported):

@@ -22,11 +22,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact, load_tile,
-                     own_range, sigmoid, store_held, store_tile, tanh, time_index)
+from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact,
+                     load_tile, own_range, sigmoid, store_held, store_tile, tanh, time_index)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def gru_forward_kernel(
     gx_ptr,  # (T, B, 3H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, H)
@@ -67,7 +67,7 @@ def gru_forward_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def gru_backward_kernel(
     ws_ptr,  # (T, B, 4H) from the forward
     h0_ptr,  # (B, H)

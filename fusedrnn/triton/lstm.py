@@ -27,11 +27,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (OUTS, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact, load_tile,
-                     own_range, sigmoid, store_held, store_tile, tanh, tile_matmul, time_index)
+from .common import (OUTS, STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step,
+                     gate_preact, load_tile, own_range, sigmoid, store_held, store_tile, tanh, tile_matmul, time_index)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def lstm_forward_kernel(
     gx_ptr,  # (T, B, 4H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, P)
@@ -95,7 +95,7 @@ def lstm_forward_kernel(
             tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def lstm_backward_kernel(
     ws_ptr,  # (T, B, 5H) from the forward
     c0_ptr,  # (B, H)

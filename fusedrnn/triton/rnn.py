@@ -20,11 +20,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact, load_tile,
-                     own_range, store_held, store_tile, tanh)
+from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact,
+                     load_tile, own_range, store_held, store_tile, tanh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_forward_kernel(
     gx_ptr,  # (T, B, H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, H)
@@ -54,7 +54,7 @@ def rnn_forward_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_backward_kernel(
     y_ptr,  # (T, B, H) from the forward
     w_hh_ptr,  # (H, H)
