@@ -16,8 +16,9 @@ What is measured (CUDA events after a synchronize, medians of interleaved rounds
                    the step's work is nil
                    (grid_barrier_us keeps step_latency_us as it is: only their sum is measured)
   fma_efficiency   per step of persistent at the grid point with the most FMA work that fits on chip
-The grid: LSTM, T=64, B in {1, 16, 64, 256}, H in {256, 1024}, float32 and bfloat16, one layer, forward
-without saving (the planner decides from the forward; every scheme's backward is its mirror).
+The grid: LSTM, T=64, H in {256, 1024}, float32 and bfloat16, one layer, B = 1 and 256 and the batch sizes either
+side of each crossover the planner predicts on this device (crossover_grid); forward without saving (the planner
+decides from the forward; every scheme's backward is its mirror).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from fusedrnn import planner
 
 SCHEDULE = Schedule(warmup=2, min_repeats=5, max_repeats=30, budget_s=0.15)
 TINY = ("lstm", 256, 1, 32, 32, "float32")  # cell, T, B, I, H, dtype: a step with no work in it
-GRID = [("lstm", 64, B, H, H, dt) for dt in ("float32", "bfloat16") for B in (1, 16, 64, 256) for H in (256, 1024)]
-TRITON_POINTS = {("float32", 1, 1024), ("bfloat16", 16, 256)}  # Triton compiles per shape: a few points only
+CORNER_B = (1, 256)  # always measured; the batch sizes between come from the predicted crossovers
+SCAN_B = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TRITON_POINTS = {("float32", 1, 1024), ("bfloat16", 1, 256)}  # Triton compiles per shape: a few points only
 DEADLINE_S = 80.0  # stop measuring grid points past this (the stage's limit is 90 s)
 
 
@@ -131,6 +133,19 @@ def measure_primitives(log, device, dev):
     gemm = log.row(kind="gemm_graph", shape=[256, 1024, 4096], dtype="bfloat16", per_mm_us=per_mm_us,
                    efficiency=flops / (peak * per_mm_us))
     return l2, gemm
+
+
+def crossover_grid(dev, T=64, hidden=(256, 1024), dtypes=("float32", "bfloat16")):
+    """The grid to measure: per (dtype, H), the corner batch sizes and the two either side of every batch size
+    where the planner's pick among the CUDA schemes changes (SCAN_B), as (cell, T, B, I, H, dtype) rows."""
+    grid = []
+    for dtype_name in dtypes:
+        for H in hidden:
+            picks = [planner.plan(planner.Shape.of("lstm", T, B, H, H, H, 1, getattr(torch, dtype_name)), dev,
+                                  backends=("cuda",)).scheme for B in SCAN_B]
+            near = {SCAN_B[k + d] for k in range(len(SCAN_B) - 1) if picks[k] != picks[k + 1] for d in (0, 1)}
+            grid += [("lstm", T, B, H, H, dtype_name) for B in sorted(near | set(CORNER_B))]
+    return grid
 
 
 def measure_point(log, device, dev, cell, T, B, I, H, dtype_name, with_triton):
@@ -230,7 +245,7 @@ def main(argv=None):
     l2, gemm = measure_primitives(log, device, dev)
     tiny = measure_point(log, device, dev, *TINY, with_triton=True)
     points = []
-    for cell, T, B, I, H, dtype_name in GRID:
+    for cell, T, B, I, H, dtype_name in crossover_grid(dev):
         if time.monotonic() - start > DEADLINE_S:
             log.row(kind="skipped", cell=cell, B=B, H=H, dtype=dtype_name, reason=f"past {DEADLINE_S} s")
             continue

@@ -6,7 +6,7 @@ import torch
 
 from bench import calibrate
 from fusedrnn import planner
-from fusedrnn.planner import CONSTANTS, KNOWN_DEVICES
+from fusedrnn.planner import CONSTANTS, KNOWN_DEVICES, plan
 
 H100 = KNOWN_DEVICES["H100"]
 
@@ -45,6 +45,21 @@ def test_fit_recovers_the_constants_it_measures():
         assert got[name] == pytest.approx(value, abs=0.011), name
     assert set(got) == set(CONSTANTS)  # the same keys: a drop-in replacement for planner.CONSTANTS
     assert got["step_latency_us"] == latency and got["clock_ghz"] == CONSTANTS["clock_ghz"]  # not measured
+
+
+def test_grid_brackets_the_predicted_crossovers():
+    grid = calibrate.crossover_grid(H100)
+    for dtype_name in ("float32", "bfloat16"):
+        for H in (256, 1024):
+            batches = [B for _, _, B, _, h, dt in grid if (h, dt) == (H, dtype_name)]
+            picks = {B: plan(planner.Shape.of("lstm", 64, B, H, H, H, 1, getattr(torch, dtype_name)), H100,
+                             backends=("cuda",)).scheme for B in calibrate.SCAN_B}
+            assert {1, 256} <= set(batches)
+            for small, large in zip(calibrate.SCAN_B, calibrate.SCAN_B[1:]):
+                if picks[small] != picks[large]:
+                    assert {small, large} <= set(batches), (dtype_name, H, small, large)
+    at_1024 = [B for _, _, B, _, H, dt in grid if (H, dt) == (1024, "bfloat16")]
+    assert len(at_1024) > 2  # the model predicts a switch to gemm inside the scan there
 
 
 def test_table_names_each_point_and_both_picks():
