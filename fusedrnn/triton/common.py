@@ -16,6 +16,7 @@ same math): tanh is its odd Taylor series below |x| = 0.625 and 2 * sigmoid(2x) 
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -318,11 +319,16 @@ def split(x, H, P, mode):
         raise ValueError(f"FUSEDRNN_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
     if VARIANT != "auto":
         return VARIANT == "split"
+    return _split_planned(mode, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_planned(mode, T, B, I, H, P, dtype, device, allow_tf32):
+    """The planner's choice between the two variants (cached: a call is latency-bound, the model is not free)."""
     from .. import planner
 
-    T, B, I = x.shape
-    shape = planner.Shape.of(mode, T, B, I, H, P, 1, x.dtype)
-    device = planner.Device.of(x.device)
+    shape = planner.Shape.of(mode, T, B, I, H, P, 1, dtype, allow_tf32)
+    device = planner.Device.of(device)
     return planner.step_us("triton_split", shape, device) < planner.step_us("triton", shape, device)
 
 
