@@ -34,7 +34,7 @@ CONSTANTS = {
     "grid_barrier_us": 1.5,  # one cooperative grid.sync() across every SM
     "step_latency_us": 1.0,  # a persistent step's own latency: h through L2, block barriers
     "triton_step_us": 2.0,  # a Triton program's step: h through global memory, a block barrier
-    "triton_launch_us": 20.0,  # host cost of one Triton kernel launch from Python (the split variant's per step)
+    "triton_launch_us": 20.0,  # a split-variant launch from Python (less where its CUDA graph replays)
     "fma_efficiency": 0.35,  # share of the FP32 FMA peak block_matvec reaches (shuffles, shared-memory loads)
     "gemm_efficiency": 0.6,  # share of the tensor-core peak a cuBLAS GEMM with enough tiles reaches
     "l2_gbps": 5500.0,  # L2 read bandwidth of the whole chip

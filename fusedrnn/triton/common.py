@@ -15,6 +15,7 @@ libdevice (the interpreter has no libdevice, and one formula everywhere keeps CP
 same math): tanh is its odd Taylor series below |x| = 0.625 and 2 * sigmoid(2x) - 1 above.
 """
 
+import collections
 import contextlib
 import functools
 import os
@@ -33,8 +34,8 @@ _INT32_MAX = 2**31 - 1
 # launch per phase over (batch tile x BLOCK_N units or outputs) programs, so at small B the grid still covers the
 # SMs and each program streams only its units' rows of W_hh instead of all of it: the persistent variant at B <= 16
 # runs on ONE SM that reads all of W_hh (1 MiB at the book's H = 256 in float32) every step; split spreads that
-# over H / BLOCK_N programs, for a launch per phase and step (a CUDA graph of the step loop would take most of
-# that launch cost away on a GPU; not built). Phases are the parts of a step separated by a barrier: each reads
+# over H / BLOCK_N programs, for a launch per phase and step: on a GPU, a call whose launches repeat (same shapes
+# and pointers, as in a training loop) replays them from a CUDA graph instead (_graphed). Phases are the parts of a step separated by a barrier: each reads
 # what other programs wrote in the phase before. The persistent launch runs all phases; under the interpreter
 # (serial programs) both variants run. VARIANT (FUSEDRNN_TRITON_VARIANT) forces one; "auto" asks
 # fusedrnn/planner.py.
@@ -350,6 +351,51 @@ def launch(kernel, x, H, args, phases, variant_split, **flags):
             span = triton.cdiv(max(width for _, width in phases), block) * block  # all of every phase's width
             kernel[(tiles, 1)](*args, 0, T, mask, span, **constexprs, **options)
             return
-        for s in range(T):
-            for bit, width in phases:
-                kernel[(tiles, triton.cdiv(width, block))](*args, s, s + 1, bit.value, block, **constexprs, **options)
+
+        def steps():
+            for s in range(T):
+                for bit, width in phases:
+                    kernel[(tiles, triton.cdiv(width, block))](*args, s, s + 1, bit.value, block, **constexprs,
+                                                               **options)
+
+        if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            key = (kernel, x.device, T, tiles, tuple((bit.value, width) for bit, width in phases),
+                   tuple(a.data_ptr() if torch.is_tensor(a) else a for a in args),
+                   tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            _graphed(key, steps)
+        else:
+            steps()
+
+
+# The split variant's CUDA graphs: {launch key: graph, or None once the key has been seen}, least recent first.
+# A key holds every argument of a call's launches, pointers included, so replaying its graph IS those launches.
+_GRAPHS = collections.OrderedDict()
+MAX_GRAPHS = 64
+
+
+def _graphed(key, steps):
+    """Run `steps` (a split-variant call's T x phases launches) from a CUDA graph when the same launches came
+    before: the first time directly (that also compiles the kernels), the second time captured on a side stream
+    and replayed, afterwards replayed: one graph launch instead of T x phases Python launches. A training loop
+    sees the same pointers step after step (the caching allocator hands the same blocks back), so its calls hit."""
+    if key not in _GRAPHS:
+        steps()
+        _GRAPHS[key] = None
+    else:
+        graph = _GRAPHS[key]
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    steps()
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
+            _GRAPHS[key] = graph  # only once captured: a failed capture leaves the key to be captured again
+        graph.replay()
+    _GRAPHS.move_to_end(key)
+    while len(_GRAPHS) > MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
