@@ -10,7 +10,8 @@
 //   stack_backward(mode, x, h0, c0, w_ih[], ..., masks[], lengths, reverse, ys, ws, dys, dh_n, dc_n, need_dx,
 //                  scheme, poison) -> (dx | None, dh0, dc0 | None, dw_ih[], dw_hh[], db_ih[], db_hh[], dw_hr[])
 //   fits_on_chip(mode, x, H, P, layers, proj, backward) -> whether such a stack would run persistent
-//   last_scheme() -> "persistent" | "per_step" | "gemm": what the last call ran;  max_layers: the deepest stack per call
+//   last_scheme() -> "persistent" | "per_step" | "gemm": what the last call ran
+//   max_layers: the deepest stack per call
 //
 // Shapes as in reference.py: x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
 // w_hr (P, H), lengths (B,) int64, y (T, B, P), ws (T, B, WS*H) with the reference's layout
@@ -18,8 +19,8 @@
 // and its lists hold one tensor per layer (empty where absent). A layer call is the stack of one layer.
 // Everything that is not sequential is an ATen GEMM here: layer 0's gx = x W_ih^T + b_ih before the
 // recurrence kernel; dx, dW_ih, dW_hh, dW_hr and the bias grads after it. scheme: "auto" | "persistent" |
-// "per_step" | "gemm" (see launchers.h; gemm: one layer per call, its per-step GEMMs issued from here). poison fills every buffer the kernels write with NaN first, so tests catch
-// elements a kernel never wrote.
+// "per_step" | "gemm" (see launchers.h; gemm: one layer per call, its per-step GEMMs issued from here).
+// poison fills every buffer the kernels write with NaN first, so tests catch elements a kernel never wrote.
 // Only device-generic ATen/c10 headers: this file also compiles against a CPU-only torch.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>

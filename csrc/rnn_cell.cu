@@ -1,4 +1,5 @@
-// Elman RNN cell for the fused recurrence (recurrence.cuh, gemm_step.cuh): h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
+// Elman RNN cell for the fused recurrence (recurrence.cuh, gemm_step.cuh):
+//   h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
 // Nothing saved (ws has width 0): the derivative follows from y[t] = h':  tanh' = 1 - h'^2,
 // relu' = [h' > 0] except that a NaN h' passes the gradient on. relu(NaN) stays NaN. Both as in torch.
 #include "gemm_step.cuh"
