@@ -10,7 +10,8 @@
 //   stack_backward(mode, x, h0, c0, w_ih[], ..., masks[], lengths, reverse, ys, ws, dys, dh_n, dc_n, need_dx,
 //                  scheme, poison) -> (dx | None, dh0, dc0 | None, dw_ih[], dw_hh[], db_ih[], db_hh[], dw_hr[])
 //   fits_on_chip(mode, x, H, P, layers, proj, backward) -> whether such a stack would run persistent
-//   last_scheme() -> "persistent" | "per_step": what the last call ran;  max_layers: the deepest stack per call
+//   last_scheme() -> "persistent" | "per_step" | "gemm": what the last call ran
+//   max_layers: the deepest stack per call
 //
 // Shapes as in reference.py: x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
 // w_hr (P, H), lengths (B,) int64, y (T, B, P), ws (T, B, WS*H) with the reference's layout
@@ -18,8 +19,8 @@
 // and its lists hold one tensor per layer (empty where absent). A layer call is the stack of one layer.
 // Everything that is not sequential is an ATen GEMM here: layer 0's gx = x W_ih^T + b_ih before the
 // recurrence kernel; dx, dW_ih, dW_hh, dW_hr and the bias grads after it. scheme: "auto" | "persistent" |
-// "per_step" (see launchers.h). poison fills every buffer the kernels write with NaN first, so tests catch
-// elements a kernel never wrote.
+// "per_step" | "gemm" (see launchers.h; gemm: one layer per call, its per-step GEMMs issued from here).
+// poison fills every buffer the kernels write with NaN first, so tests catch elements a kernel never wrote.
 // Only device-generic ATen/c10 headers: this file also compiles against a CPU-only torch.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -73,7 +74,8 @@ Scheme scheme_of(const std::string& name) {
   if (name == "auto") return Scheme::automatic;
   if (name == "persistent") return Scheme::persistent;
   if (name == "per_step") return Scheme::per_step;
-  TORCH_CHECK_VALUE(false, "fusedrnn cuda: scheme must be auto, persistent or per_step, got '", name, "'");
+  if (name == "gemm") return Scheme::gemm;
+  TORCH_CHECK_VALUE(false, "fusedrnn cuda: scheme must be auto, persistent, per_step or gemm, got '", name, "'");
 }
 
 std::string last_scheme_name = "none";
@@ -92,7 +94,7 @@ void check(cudaError_t err, Scheme used, const char* what) {
     cudaGetLastError();
     TORCH_CHECK(false, "fusedrnn cuda: ", what, " kernel failed: ", cudaGetErrorString(err));
   }
-  last_scheme_name = used == Scheme::persistent ? "persistent" : "per_step";
+  last_scheme_name = used == Scheme::persistent ? "persistent" : used == Scheme::gemm ? "gemm" : "per_step";
 }
 
 const void* ptr_or_null(const OptTensor& t) { return t && t->defined() ? t->data_ptr() : nullptr; }
@@ -192,6 +194,86 @@ cudaError_t run_backward(Kind kind, Dtype dtype, const StackBackwardArgs& a, Sch
   }
 }
 
+
+cudaError_t gemm_step_forward(Kind kind, Dtype dtype, const ForwardArgs& a, const GemmStep& g, cudaStream_t s) {
+  switch (kind) {
+    case Kind::lstm:
+      return lstm_gemm_forward(dtype, a, g, s);
+    case Kind::gru:
+      return gru_gemm_forward(dtype, a, g, s);
+    default:
+      return rnn_gemm_forward(kind == Kind::rnn_relu, dtype, a, g, s);
+  }
+}
+
+cudaError_t gemm_step_backward(Kind kind, Dtype dtype, const BackwardArgs& a, const GemmStep& g, cudaStream_t s) {
+  switch (kind) {
+    case Kind::lstm:
+      return lstm_gemm_backward(dtype, a, g, s);
+    case Kind::gru:
+      return gru_gemm_backward(dtype, a, g, s);
+    default:
+      return rnn_gemm_backward(kind == Kind::rnn_relu, dtype, a, g, s);
+  }
+}
+
+// The forward step before forward step t (the one whose state t starts from), as in recurrence.cuh.
+int64_t step_before(int64_t t, bool reverse) { return reverse ? t + 1 : t - 1; }
+
+// The gemm scheme's forward of one layer (csrc/gemm_step.cuh): per step the recurrent product as an ATen GEMM
+// into a buffer allocated once (cuBLAS on torch's current stream, under torch's TF32 / reduced-precision
+// settings, in the layer's dtype as cuDNN does it), then the fused pointwise kernel. h0: elem (B, P);
+// w_hh (G*H, P); w_hr (P, H) or undefined; y: elem (T, B, P), the kernels' output, read back as h_{t-1}.
+cudaError_t gemm_forward(Kind kind, Dtype dtype, const ForwardArgs& a, const Tensor& h0, const Tensor& w_hh,
+                         const Tensor& w_hr, const Tensor& y, cudaStream_t stream) {
+  const Shape& sh = a.shape;
+  const bool proj = w_hr.defined();
+  Tensor gh = at::empty({sh.B, w_hh.size(0)}, y.options());
+  Tensor r = proj ? at::empty({sh.B, sh.H}, y.options()) : Tensor();
+  Tensor hr = proj ? at::empty({sh.B, sh.P}, y.options()) : Tensor();
+  const Tensor w_hhT = w_hh.t(), w_hrT = proj ? w_hr.t() : Tensor();
+  cudaError_t err = cudaSuccess;
+  for (int s = 0; s < sh.T && !err; ++s) {
+    const int64_t t = sh.reverse ? sh.T - 1 - s : s;
+    at::mm_out(gh, s == 0 ? h0 : y[step_before(t, sh.reverse)], w_hhT);
+    err = gemm_step_forward(kind, dtype, a, GemmStep{s, kUnits, gh.data_ptr(), proj ? r.data_ptr() : nullptr}, stream);
+    if (proj && !err) {
+      at::mm_out(hr, r, w_hrT);
+      err = gemm_step_forward(kind, dtype, a, GemmStep{s, kOuts, hr.data_ptr(), nullptr}, stream);
+    }
+  }
+  return err;
+}
+
+// Its backward: per step dh_rec = dG_{t_next} W_hh (ATen GEMM), the pointwise outs and units (one launch without
+// proj; with proj the GEMM dr = dhy[t] W_hr between them); then dh0 = dh + dG_{t_0} W_hh. dG: elem (T, B, G*H),
+// the hidden-side gate gradients the kernels write (dgh for gru, else dgx); dhy: elem (T, B, P) with proj;
+// dh: float32 (B, P), dh_n in, dh0 out.
+cudaError_t gemm_backward(Kind kind, Dtype dtype, const BackwardArgs& a, const Tensor& w_hh, const Tensor& w_hr,
+                          const Tensor& dG, const Tensor& dhy, Tensor& dh, cudaStream_t stream) {
+  const Shape& sh = a.shape;
+  if (sh.T == 0) return cudaSuccess;
+  const bool proj = w_hr.defined();
+  Tensor dh_rec = at::empty({sh.B, sh.P}, dG.options());
+  Tensor dr = proj ? at::empty({sh.B, sh.H}, dG.options()) : Tensor();
+  cudaError_t err = cudaSuccess;
+  for (int s = 0; s < sh.T && !err; ++s) {
+    const int64_t t = sh.reverse ? s : sh.T - 1 - s;  // backward step s undoes forward step T-1-s
+    if (s > 0) at::mm_out(dh_rec, dG[step_before(t, !sh.reverse)], w_hh);
+    const void* rec = s > 0 ? dh_rec.data_ptr() : nullptr;
+    if (!proj) {
+      err = gemm_step_backward(kind, dtype, a, GemmStep{s, kBoth, rec, nullptr}, stream);
+      continue;
+    }
+    err = gemm_step_backward(kind, dtype, a, GemmStep{s, kOuts, rec, nullptr}, stream);
+    if (err) break;
+    at::mm_out(dr, dhy[t], w_hr);
+    err = gemm_step_backward(kind, dtype, a, GemmStep{s, kUnits, dr.data_ptr(), nullptr}, stream);
+  }
+  if (!err) dh.add_(at::mm(dG[sh.reverse ? sh.T - 1 : 0], w_hh));
+  return err;
+}
+
 const void* ptr_at(const Tensors& ts, size_t i) { return i < ts.size() ? ts[i].data_ptr() : nullptr; }
 Tensors contiguous_all(const Tensors& ts) {
   Tensors out;
@@ -211,10 +293,12 @@ Tensor layer_input(const Tensor& x, const Tensor& ys, const Tensors& masks, int6
   return masks.empty() ? ys[l - 1] : ys[l - 1] * masks[l - 1];
 }
 
-void check_depth(size_t layers) {
+void check_depth(size_t layers, const std::string& scheme) {
   TORCH_CHECK_VALUE(layers >= 1 && layers <= static_cast<size_t>(kMaxLayers),
                     "fusedrnn cuda: a stack launch runs 1 to ", kMaxLayers, " layers, got ", layers,
                     " (fusedrnn/cuda.py runs deeper stacks layer by layer)");
+  TORCH_CHECK_VALUE(scheme != "gemm" || layers == 1, "fusedrnn cuda: the gemm scheme runs one layer per call, got ",
+                    layers, " (fusedrnn/cuda.py runs its stacks layer by layer)");
 }
 
 // The stack contract's forward (reference.py): ys (L, T, B, P), h_n (L, B, P), c_n (L, B, H) | None, ws.
@@ -224,7 +308,7 @@ std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, cons
                                   bool save, const std::string& scheme, bool poison) {
   const c10::DeviceGuard guard(x.device());
   const CellInfo cell = cell_info(mode);
-  check_depth(w_ih.size());
+  check_depth(w_ih.size(), scheme);
   check_inputs(x, lengths, w_ih, w_hh, b_ih, b_hh, w_hr, masks);
   const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
   const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2);
@@ -264,8 +348,13 @@ std::vector<Tensor> stack_forward(const std::string& mode, const Tensor& x, cons
                                 dropout && !top ? masks_c[l].data_ptr() : nullptr,
                                 dropout && !top ? x_out[l].data_ptr<float>() : nullptr};
   }
-  Scheme used = Scheme::automatic;
-  const cudaError_t err = run_forward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
+  const Scheme requested = scheme_of(scheme);
+  Scheme used = requested;
+  const cudaError_t err =
+      requested == Scheme::gemm
+          ? gemm_forward(cell.kind, dtype_of(x), args.layer[0], h0[0], w_hh_c[0], proj ? w_hr_c[0] : Tensor(), ys[0],
+                         stream_of(x))
+          : run_forward(cell.kind, dtype_of(x), args, requested, stream_of(x), &used);
   check(err, used, "forward");
   return {ys, fresh_like(h0, h.select(1, T % 2)), lstm ? fresh_like(*c0, c) : Tensor(), ws};
 }
@@ -278,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
     const OptTensor& dc_n, bool need_dx, const std::string& scheme, bool poison) {
   const c10::DeviceGuard guard(x.device());
   const CellInfo cell = cell_info(mode);
-  check_depth(w_ih.size());
+  check_depth(w_ih.size(), scheme);
   check_inputs(x, lengths, w_ih, w_hh, b_ih, b_hh, w_hr, masks);
   const int64_t L = static_cast<int64_t>(w_ih.size()), T = x.size(0), B = x.size(1);
   const int64_t H = w_hh[0].size(0) / cell.gates, P = h0.size(2), GH = cell.gates * H;
@@ -324,8 +413,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensors, Tensors, Tensors, Tensors, Tensors> 
                                  gru && l > 0 ? dgx_step[l].data_ptr<float>() : nullptr,
                                  dh_step[l].data_ptr<float>()};
   }
-  Scheme used = Scheme::automatic;
-  const cudaError_t err = run_backward(cell.kind, dtype_of(x), args, scheme_of(scheme), stream_of(x), &used);
+  const Scheme requested = scheme_of(scheme);
+  Scheme used = requested;
+  cudaError_t err;
+  if (requested == Scheme::gemm) {
+    Tensor dh_0 = dh[0];
+    err = gemm_backward(cell.kind, dtype_of(x), args.layer[0], w_hh[0], proj ? w_hr[0] : Tensor(),
+                        gru ? dgh[0] : dgx[0], proj ? dhy[0] : Tensor(), dh_0, stream_of(x));
+  } else {
+    err = run_backward(cell.kind, dtype_of(x), args, requested, stream_of(x), &used);
+  }
   check(err, used, "backward");
   Tensors dw_ih, dw_hh, db_ih, db_hh, dw_hr;
   for (int64_t l = 0; l < L; ++l) {

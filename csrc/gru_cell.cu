@@ -1,10 +1,10 @@
-// GRU cell for the fused recurrence (recurrence.cuh), torch's gate order r, z, n and reset-gate form:
+// GRU cell for the fused recurrence (recurrence.cuh, gemm_step.cuh), torch's gate order r, z, n and reset-gate form:
 //   r = s(gx_r + gh_r);  z = s(gx_z + gh_z);  n = tanh(gx_n + r * gh_n)   (gh = h W_hh^T + b_hh, so r
 //   multiplies the hidden product AND its bias);  h' = (1 - z) * n + z * h = n + z * (h - n)
 // Saved for backward, ws[t] = (r, z, n, gh_n). Backward (dh = dL/dh'):
 //   dn = dh (1-z)(1-n^2);  dz = dh (h - n) z(1-z);  dr = dn gh_n r(1-r)
 //   input side (dr, dz, dn); hidden side (dr, dz, dn * r); direct path dh_prev += dh * z.
-#include "recurrence.cuh"
+#include "gemm_step.cuh"
 
 namespace fusedrnn {
 
@@ -37,6 +37,14 @@ cudaError_t gru_forward(Dtype dtype, const StackForwardArgs& a, Scheme scheme, c
 
 cudaError_t gru_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_backward<GruCell>(dtype, a, scheme, stream, used);
+}
+
+cudaError_t gru_gemm_forward(Dtype dtype, const ForwardArgs& a, const GemmStep& step, cudaStream_t stream) {
+  return run_gemm_forward<GruCell>(dtype, a, step, stream);
+}
+
+cudaError_t gru_gemm_backward(Dtype dtype, const BackwardArgs& a, const GemmStep& step, cudaStream_t stream) {
+  return run_gemm_backward<GruCell>(dtype, a, step, stream);
 }
 
 cudaError_t gru_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bool backward, bool* fits) {

@@ -27,6 +27,8 @@
 #include <map>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace emu {
@@ -178,11 +180,15 @@ inline std::map<const void*, Invoker>& kernels() {
   return table;
 }
 
-template <class Args, class Layout>
-void register_kernel(void (*kernel)(Args, Layout, int, int, int)) {
+template <class... Params, size_t... I>
+void invoke_kernel(void (*kernel)(Params...), void** p, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<Params>*>(p[I])...);
+}
+
+template <class... Params>
+void register_kernel(void (*kernel)(Params...)) {
   kernels()[reinterpret_cast<const void*>(kernel)] = [kernel](void** p) {
-    kernel(*static_cast<Args*>(p[0]), *static_cast<Layout*>(p[1]), *static_cast<int*>(p[2]),
-           *static_cast<int*>(p[3]), *static_cast<int*>(p[4]));
+    invoke_kernel(kernel, p, std::index_sequence_for<Params...>{});
   };
 }
 
@@ -294,6 +300,12 @@ void register_cell() {
   register_kernel(backward_kernel<Cell, __half, false>);
   register_kernel(backward_kernel<Cell, __nv_bfloat16, true>);
   register_kernel(backward_kernel<Cell, __nv_bfloat16, false>);
+  register_kernel(gemm_forward_kernel<Cell, float>);
+  register_kernel(gemm_forward_kernel<Cell, __half>);
+  register_kernel(gemm_forward_kernel<Cell, __nv_bfloat16>);
+  register_kernel(gemm_backward_kernel<Cell, float>);
+  register_kernel(gemm_backward_kernel<Cell, __half>);
+  register_kernel(gemm_backward_kernel<Cell, __nv_bfloat16>);
 }
 inline const bool registered = [] {
   register_cell<fusedrnn::LstmCell>();

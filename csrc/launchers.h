@@ -22,8 +22,12 @@ namespace fusedrnn {
 enum class Dtype { f32, f16, bf16 };
 // How the recurrence runs: one cooperative launch per sequence with the weights held in shared memory,
 // or one launch per step (and phase) reading the weights from global memory. auto picks persistent
-// whenever the weight slices fit on chip with every block resident at once.
-enum class Scheme { automatic, persistent, per_step };
+// whenever the weight slices fit on chip with every block resident at once. gemm (one layer per call, never
+// picked by auto here: fusedrnn/planner.py chooses it) is driven by the binding: per step an ATen GEMM for
+// the recurrent product (tensor cores through cuBLAS) and a fused pointwise kernel (gemm_step.cuh).
+enum class Scheme { automatic, persistent, per_step, gemm };
+// The parts of a step: the units' gates and state update, and the outputs' (projection, dL/dh) bookkeeping.
+enum Phase : int { kUnits = 1, kOuts = 2, kBoth = 3 };
 
 struct Shape {
   int T, B, H, P;
@@ -83,6 +87,19 @@ struct StackBackwardArgs {
   BackwardArgs layer[kMaxLayers];
 };
 
+// One pointwise launch of the gemm scheme (gemm_step.cuh) for one layer, whose ForwardArgs / BackwardArgs it
+// takes alongside (their on-chip fields unused: gx is given, x_in, mask, r, dgh_step, dgx_step, dh_step are
+// nullptr). `prod` is the product the binding computed for this launch with an ATen GEMM, elem:
+//   forward  kUnits: gh = h_{t-1} W_hh^T (B, G*H)        forward  kOuts: hr = r W_hr^T (B, P)
+//   backward kOuts or kBoth: dG_{t_next} W_hh (B, P), nullptr at the first backward step
+//   backward kUnits: dr = dL/dh_t W_hr (B, H)
+struct GemmStep {
+  int s;             // forward step, or backward step (undoing forward step T-1-s)
+  int phases;        // forward: kUnits or kOuts; backward: kOuts, kUnits, or kBoth (without proj)
+  const void* prod;  // see above
+  void* r;           // forward kUnits with proj: elem (B, H) out, r = o * tanh(c) for the projection GEMM
+};
+
 // Each launcher checks every CUDA call and returns the first error (cudaErrorCooperativeLaunchTooLarge
 // when a forced persistent scheme does not fit) and sets *used to the scheme it ran. The cell's own file
 // defines its pair; `relu` picks the rnn's nonlinearity (else tanh).
@@ -92,6 +109,13 @@ cudaError_t gru_forward(Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Sc
 cudaError_t gru_backward(Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
 cudaError_t rnn_forward(bool relu, Dtype, const StackForwardArgs&, Scheme, cudaStream_t, Scheme* used);
 cudaError_t rnn_backward(bool relu, Dtype, const StackBackwardArgs&, Scheme, cudaStream_t, Scheme* used);
+// The gemm scheme's pointwise launches (gemm_step.cuh), one per step and phase.
+cudaError_t lstm_gemm_forward(Dtype, const ForwardArgs&, const GemmStep&, cudaStream_t);
+cudaError_t lstm_gemm_backward(Dtype, const BackwardArgs&, const GemmStep&, cudaStream_t);
+cudaError_t gru_gemm_forward(Dtype, const ForwardArgs&, const GemmStep&, cudaStream_t);
+cudaError_t gru_gemm_backward(Dtype, const BackwardArgs&, const GemmStep&, cudaStream_t);
+cudaError_t rnn_gemm_forward(bool relu, Dtype, const ForwardArgs&, const GemmStep&, cudaStream_t);
+cudaError_t rnn_gemm_backward(bool relu, Dtype, const BackwardArgs&, const GemmStep&, cudaStream_t);
 // Whether a stack of `layers` layers of this shape would run persistent (its forward, or its backward): the
 // binding's automatic choice between one wavefront and one layer at a time. rnn has no proj.
 cudaError_t lstm_fits_on_chip(Dtype, const Shape&, int layers, bool proj, bool backward, bool* fits);

@@ -1,11 +1,11 @@
-// LSTM cell for the fused recurrence (recurrence.cuh), torch's gate order i, f, g, o:
+// LSTM cell for the fused recurrence (recurrence.cuh, gemm_step.cuh), torch's gate order i, f, g, o:
 //   i, f, o = s(gx + gh) rows 0, 1, 3;  g = tanh(gx + gh) row 2      (gh = h W_hh^T + b_hh)
 //   c' = f * c + i * g;  r = o * tanh(c')  (h' = r, or r W_hr^T with proj_size, done by the recurrence)
 // Saved for backward, ws[t] = (i, f, g, o, c_t) with c_t the HELD cell state (c at a padded step), so that
 // the next step's c_prev can be read back from it. Backward (dh = dL/dr, dc = dL/dc_t carried):
 //   dc_t = dc + dh * o * (1 - tanh(c')^2);  di = dc_t g i(1-i);  df = dc_t c_prev f(1-f)
 //   dg = dc_t i (1-g^2);  do = dh tanh(c') o(1-o);  dc_prev = dc_t * f;  input and hidden sides share them.
-#include "recurrence.cuh"
+#include "gemm_step.cuh"
 
 namespace fusedrnn {
 
@@ -43,6 +43,14 @@ cudaError_t lstm_forward(Dtype dtype, const StackForwardArgs& a, Scheme scheme, 
 
 cudaError_t lstm_backward(Dtype dtype, const StackBackwardArgs& a, Scheme scheme, cudaStream_t stream, Scheme* used) {
   return run_backward<LstmCell>(dtype, a, scheme, stream, used);
+}
+
+cudaError_t lstm_gemm_forward(Dtype dtype, const ForwardArgs& a, const GemmStep& step, cudaStream_t stream) {
+  return run_gemm_forward<LstmCell>(dtype, a, step, stream);
+}
+
+cudaError_t lstm_gemm_backward(Dtype dtype, const BackwardArgs& a, const GemmStep& step, cudaStream_t stream) {
+  return run_gemm_backward<LstmCell>(dtype, a, step, stream);
 }
 
 cudaError_t lstm_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bool backward, bool* fits) {

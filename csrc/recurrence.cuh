@@ -37,8 +37,6 @@
 
 namespace fusedrnn {
 
-enum Phase : int { kUnits = 1, kOuts = 2, kBoth = 3 };
-
 struct Layout {
   int U, Up;      // hidden units and output features per block
   int per_layer;  // blocks per layer
@@ -138,6 +136,39 @@ __device__ void run_steps(const GlobalRows<T>& a, int R_a, const GlobalRows<T>& 
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
+// Publish unit/feature p of h_t for batch row b: hold h_prev at a padded step, write the float32 state, y[t]
+// and (with a dropout mask) the masked copy the layer above reads. Shared by every scheme.
+template <class T>
+__device__ __forceinline__ void emit_state(const ForwardArgs& a, int s, int t, int b, int p, float h_new) {
+  const Shape& sh = a.shape;
+  const int P = sh.P;
+  const size_t i = static_cast<size_t>(b) * P + p;
+  const float h = is_valid(sh, t, b) ? h_new : a.h[slot(sh, s, P) + i];
+  a.h[slot(sh, s + 1, P) + i] = h;
+  static_cast<T*>(a.y)[at(sh, t, b, P) + p] = from_float<T>(h);
+  if (a.mask) a.x_out[slot(sh, s + 1, P) + i] = h * to_float(static_cast<const T*>(a.mask)[at(sh, t, b, P) + p]);
+}
+
+// Unit j of batch row b at forward step s (time t), given its gate pre-activations: the cell, its state c
+// and the activations backward needs (ws). Returns r (h_t before any projection). Shared by every scheme.
+template <class Cell, class T>
+__device__ __forceinline__ float unit_forward(const ForwardArgs& a, int s, int t, int b, int j, const float* gxv,
+                                              const float* ghv) {
+  const Shape& sh = a.shape;
+  const int H = sh.H;
+  float act[Cell::WS > 0 ? Cell::WS : 1];
+  const float hp = Cell::kNeedsHPrev ? a.h[slot(sh, s, sh.P) + static_cast<size_t>(b) * sh.P + j] : 0.f;
+  float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
+  const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
+  if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
+  if (a.ws) {  // nullptr for inference: no backward follows
+    T* ws = static_cast<T*>(a.ws);
+#pragma unroll
+    for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
+  }
+  return r;
+}
+
 template <class Cell, class T, bool kGrid, class HhRows, class IhRows, class HrRows>
 __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows& hh, const IhRows& ih,
                              const HrRows& hr, int s, bool active, bool proj, int phases, float* acc) {
@@ -145,20 +176,9 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
   const Shape& sh = a.shape;
   const int t = time_of(sh, s), H = sh.H, P = sh.P, GH = G * H;
   const float* h_prev = a.h + slot(sh, s, P);
-  float* h_next = a.h + slot(sh, s + 1, P);
   const T* gx = static_cast<const T*>(a.gx);
   const T* b_ih = static_cast<const T*>(a.b_ih);
   const T* b_hh = static_cast<const T*>(a.b_hh);
-  const T* mask = static_cast<const T*>(a.mask);
-  T* ws = static_cast<T*>(a.ws);
-  T* y = static_cast<T*>(a.y);
-  auto emit = [&](int b, int p, float h_new) {  // hold, then publish h_t (and the masked copy for the layer above)
-    const size_t i = static_cast<size_t>(b) * P + p;
-    const float h = is_valid(sh, t, b) ? h_new : h_prev[i];
-    h_next[i] = h;
-    y[at(sh, t, b, P) + p] = from_float<T>(h);
-    if (mask) a.x_out[slot(sh, s + 1, P) + i] = h * to_float(mask[at(sh, t, b, P) + p]);
-  };
   const int j0 = own_block(L) * L.U, R = G * L.U;
   if (active && (phases & kUnits)) {
     const float* x_in = a.x_in ? a.x_in + slot(sh, s + 1, P) : nullptr;  // the layer below's step s
@@ -172,25 +192,18 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
         },
         [&](int bl, int b, int u) {
           const int j = j0 + u;
-          float gxv[G], ghv[G], act[Cell::WS > 0 ? Cell::WS : 1];
+          float gxv[G], ghv[G];
 #pragma unroll
           for (int g = 0; g < G; ++g) {
             gxv[g] = x_in ? acc_x[bl * R + g * L.U + u] + (b_ih ? to_float(b_ih[g * H + j]) : 0.f)
                           : to_float(gx[at(sh, t, b, GH) + g * H + j]);
             ghv[g] = acc[bl * R + g * L.U + u] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           }
-          const float hp = Cell::kNeedsHPrev ? h_prev[static_cast<size_t>(b) * P + j] : 0.f;
-          float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
-          const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
-          if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
-          if (ws) {  // nullptr for inference: no backward follows
-#pragma unroll
-            for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
-          }
+          const float r = unit_forward<Cell, T>(a, s, t, b, j, gxv, ghv);
           if (proj)
             a.r[static_cast<size_t>(b) * H + j] = r;
           else
-            emit(b, j, r);
+            emit_state<T>(a, s, t, b, j, r);
         });
   }
   if (!proj) return;
@@ -203,7 +216,7 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
           block_matvec<T>(hr, L.Up, H, a.r + static_cast<size_t>(b0) * H, H, nb, acc);
           return true;
         },
-        [&](int bl, int b, int u) { emit(b, p0 + u, acc[bl * L.Up + u]); });
+        [&](int bl, int b, int u) { emit_state<T>(a, s, t, b, p0 + u, acc[bl * L.Up + u]); });
   }
 }
 
@@ -224,10 +237,66 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
+// Output feature p of batch row b at the backward step of forward time t: dL/dh_t from the carried dh and
+// the step's gradient from outside (dy_t); a padded step passes dh through unchanged. Returns dL/dh_t.
+template <class T>
+__device__ __forceinline__ float out_backward(const BackwardArgs& a, int t, int b, int p, float dh, float dy_t) {
+  const Shape& sh = a.shape;
+  const size_t i = static_cast<size_t>(b) * sh.P + p;
+  const bool valid = is_valid(sh, t, b);
+  const float dh_t = dh + (valid ? dy_t : 0.f);
+  if (a.dh_step) a.dh_step[i] = dh_t;
+  if (a.dhy) static_cast<T*>(a.dhy)[at(sh, t, b, sh.P) + p] = from_float<T>(valid ? dh_t : 0.f);
+  a.dh[i] = valid ? 0.f : dh_t;
+  return dh_t;
+}
+
+// Unit j of batch row b at the backward step of forward time t, given dr = dL/dr: the cell's backward, the
+// carried dc, the gate gradients (dgx[t], dgh[t], and the float32 per-step copies where the scheme keeps
+// them: dgh_step, dgx_step, each (B, G*H) or nullptr) and gru's direct path into dh. Shared by every scheme.
+template <class Cell, class T>
+__device__ __forceinline__ void unit_backward(const BackwardArgs& a, int t, int b, int j, float dr, float* dgh_step,
+                                              float* dgx_step) {
+  constexpr int G = Cell::G, WS = Cell::WS;
+  const Shape& sh = a.shape;
+  const int H = sh.H, P = sh.P, GH = G * H, tp = prev_time(sh, t);
+  const T* ws = static_cast<const T*>(a.ws);
+  const T* y = static_cast<const T*>(a.y);
+  const bool valid = is_valid(sh, t, b);
+  float act[WS > 0 ? WS : 1], dgxv[G], dghv[G];
+#pragma unroll
+  for (int w = 0; w < WS; ++w) act[w] = to_float(ws[at(sh, t, b, WS * H) + w * H + j]);
+  float c_prev = 0.f, h_prev = 0.f, h = 0.f, dc = 0.f;
+  if (Cell::kHasC) {
+    const T* c0 = static_cast<const T*>(a.c0);
+    c_prev = to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : ws[at(sh, tp, b, WS * H) + Cell::kCSlot * H + j]);
+    dc = a.dc[static_cast<size_t>(b) * H + j];
+  }
+  if (Cell::kNeedsHPrev) {
+    const T* h0 = static_cast<const T*>(a.h0);
+    h_prev = to_float(tp < 0 ? h0[static_cast<size_t>(b) * P + j] : y[at(sh, tp, b, P) + j]);
+  }
+  if (Cell::kNeedsH) h = to_float(y[at(sh, t, b, P) + j]);
+  const float direct = Cell::backward(dr, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
+  if (Cell::kHasC) a.dc[static_cast<size_t>(b) * H + j] = dc;
+  T* dgx = static_cast<T*>(a.dgx);
+  T* dgh = static_cast<T*>(a.dgh);
+#pragma unroll
+  for (int g = 0; g < G; ++g) {  // select, never multiply: NaN/Inf of padding stays out
+    const float dx = valid ? dgxv[g] : 0.f, dhh = valid ? dghv[g] : 0.f;
+    const size_t k = static_cast<size_t>(b) * GH + g * H + j;
+    dgx[at(sh, t, b, GH) + g * H + j] = from_float<T>(dx);
+    if (dgh) dgh[at(sh, t, b, GH) + g * H + j] = from_float<T>(dhh);
+    if (dgh_step) dgh_step[k] = dhh;
+    if (dgx_step) dgx_step[k] = dx;
+  }
+  if (Cell::kDirect && valid) a.dh[static_cast<size_t>(b) * P + j] += direct;
+}
+
 template <class Cell, class T, bool kGrid, class HhRows, class IhRows, class HrRows>
 __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRows& hhT, const IhRows& ihT_up,
                               const HrRows& hrT, int s, bool active, bool proj, int phases, float* acc) {
-  constexpr int G = Cell::G, WS = Cell::WS;
+  constexpr int G = Cell::G;
   const Shape& sh = a.shape;
   const int H = sh.H, P = sh.P, GH = G * H;
   const bool last = s == sh.T;
@@ -239,7 +308,6 @@ __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRo
     float* acc_up = acc + kBatchTile * L.Up;
     const T* dy = static_cast<const T*>(a.dy);
     const T* mask = static_cast<const T*>(a.mask);
-    T* dhy = static_cast<T*>(a.dhy);
     phase(
         sh.B, L.Up, imin(L.Up, P - p0),
         [&](int b0, int nb) {
@@ -254,13 +322,9 @@ __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRo
             a.dh[i] = dh;
             return;
           }
-          const bool valid = is_valid(sh, t, b);
           float dy_t = to_float(dy[at(sh, t, b, P) + p0 + u]);
           if (dgx_up) dy_t += (mask ? to_float(mask[at(sh, t, b, P) + p0 + u]) : 1.f) * acc_up[bl * L.Up + u];
-          const float dh_t = dh + (valid ? dy_t : 0.f);
-          a.dh_step[i] = dh_t;
-          if (dhy) dhy[at(sh, t, b, P) + p0 + u] = from_float<T>(valid ? dh_t : 0.f);
-          a.dh[i] = valid ? 0.f : dh_t;
+          out_backward<T>(a, t, b, p0 + u, dh, dy_t);
         });
   }
   if (proj)
@@ -268,15 +332,8 @@ __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRo
   else
     __syncthreads();
   if (!active || last || !(phases & kUnits)) return;
-  const T* ws = static_cast<const T*>(a.ws);
-  const T* y = static_cast<const T*>(a.y);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* h0 = static_cast<const T*>(a.h0);
-  T* dgx = static_cast<T*>(a.dgx);
-  T* dgh = static_cast<T*>(a.dgh);
   float* dgh_step = a.dgh_step + slot(sh, s, GH);
   float* dgx_step = a.dgx_step ? a.dgx_step + slot(sh, s, GH) : nullptr;
-  const int tp = prev_time(sh, t);
   phase(
       sh.B, L.U, imin(L.U, H - j0),
       [&](int b0, int nb) {
@@ -285,31 +342,8 @@ __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRo
       },
       [&](int bl, int b, int u) {
         const int j = j0 + u;
-        const bool valid = is_valid(sh, t, b);
         const float dr = proj ? acc[bl * L.U + u] : a.dh_step[static_cast<size_t>(b) * P + j];
-        float act[WS > 0 ? WS : 1], dgxv[G], dghv[G];
-#pragma unroll
-        for (int w = 0; w < WS; ++w) act[w] = to_float(ws[at(sh, t, b, WS * H) + w * H + j]);
-        float c_prev = 0.f, h_prev = 0.f, h = 0.f, dc = 0.f;
-        if (Cell::kHasC) {
-          c_prev =
-              to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : ws[at(sh, tp, b, WS * H) + Cell::kCSlot * H + j]);
-          dc = a.dc[static_cast<size_t>(b) * H + j];
-        }
-        if (Cell::kNeedsHPrev) h_prev = to_float(tp < 0 ? h0[static_cast<size_t>(b) * P + j] : y[at(sh, tp, b, P) + j]);
-        if (Cell::kNeedsH) h = to_float(y[at(sh, t, b, P) + j]);
-        const float direct = Cell::backward(dr, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
-        if (Cell::kHasC) a.dc[static_cast<size_t>(b) * H + j] = dc;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {  // select, never multiply: NaN/Inf of padding stays out
-          const float dx = valid ? dgxv[g] : 0.f, dhh = valid ? dghv[g] : 0.f;
-          const size_t k = static_cast<size_t>(b) * GH + g * H + j;
-          dgx[at(sh, t, b, GH) + g * H + j] = from_float<T>(dx);
-          if (dgh) dgh[at(sh, t, b, GH) + g * H + j] = from_float<T>(dhh);
-          dgh_step[k] = dhh;
-          if (dgx_step) dgx_step[k] = dx;
-        }
-        if (Cell::kDirect && valid) a.dh[static_cast<size_t>(b) * P + j] += direct;
+        unit_backward<Cell, T>(a, t, b, j, dr, dgh_step, dgx_step);
       });
 }
 

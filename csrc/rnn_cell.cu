@@ -1,7 +1,8 @@
-// Elman RNN cell for the fused recurrence (recurrence.cuh): h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
+// Elman RNN cell for the fused recurrence (recurrence.cuh, gemm_step.cuh):
+//   h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
 // Nothing saved (ws has width 0): the derivative follows from y[t] = h':  tanh' = 1 - h'^2,
 // relu' = [h' > 0] except that a NaN h' passes the gradient on. relu(NaN) stays NaN. Both as in torch.
-#include "recurrence.cuh"
+#include "gemm_step.cuh"
 
 namespace fusedrnn {
 
@@ -32,6 +33,17 @@ cudaError_t rnn_backward(bool relu, Dtype dtype, const StackBackwardArgs& a, Sch
                          Scheme* used) {
   return relu ? run_backward<RnnCell<true>>(dtype, a, scheme, stream, used)
               : run_backward<RnnCell<false>>(dtype, a, scheme, stream, used);
+}
+
+cudaError_t rnn_gemm_forward(bool relu, Dtype dtype, const ForwardArgs& a, const GemmStep& step, cudaStream_t stream) {
+  return relu ? run_gemm_forward<RnnCell<true>>(dtype, a, step, stream)
+              : run_gemm_forward<RnnCell<false>>(dtype, a, step, stream);
+}
+
+cudaError_t rnn_gemm_backward(bool relu, Dtype dtype, const BackwardArgs& a, const GemmStep& step,
+                              cudaStream_t stream) {
+  return relu ? run_gemm_backward<RnnCell<true>>(dtype, a, step, stream)
+              : run_gemm_backward<RnnCell<false>>(dtype, a, step, stream);
 }
 
 cudaError_t rnn_fits_on_chip(bool relu, Dtype dtype, const Shape& sh, int layers, bool backward, bool* fits) {

@@ -11,21 +11,25 @@ How the recurrence runs (csrc/recurrence.cuh): one cooperative kernel per sequen
 weights split over the thread blocks and held in shared memory ("persistent"), or, where they do not fit
 on chip, one launch per step reading them from global memory ("per_step"). A unidirectional stack runs as
 one wavefront (layer l at step t alongside layer l + 1 at step t - 1: T + L - 1 steps, not L * T).
-``SCHEME`` forces one (tests, benchmarks); "auto" picks persistent whenever it fits. ``POISON`` (tests) fills
-every buffer the kernels write with NaN first, so an element a kernel never wrote shows up as NaN.
+A third scheme, "gemm", runs one layer per call: per step the recurrent product as an ATen GEMM (tensor cores
+through cuBLAS, torch's TF32 settings) and one fused pointwise kernel (csrc/gemm_step.cuh), for large B or H.
+``SCHEME`` (FUSEDRNN_CUDA_SCHEME) forces one (tests, benchmarks); "auto" asks fusedrnn/planner.py's cost model,
+with the launcher's exact occupancy query deciding whether persistent fits. ``POISON`` (tests) fills every
+buffer the kernels write with NaN first, so an element a kernel never wrote shows up as NaN.
 """
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
 
 import torch
 
-from . import reference, toolchain
+from . import planner, reference, toolchain
 from .reference import GATES, workspace_shape  # noqa: F401  (same ws layout as the reference)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCHEMES = ("auto", "persistent", "per_step")
+SCHEMES = ("auto", "persistent", "per_step", "gemm")
 SCHEME = os.environ.get("FUSEDRNN_CUDA_SCHEME", "auto")
 POISON = False
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -96,55 +100,68 @@ def unavailable_reason(device, dtype, mode):
 
 
 def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
-    return _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, SCHEME, POISON)
+    scheme = _plan(mode, x, w_ih, w_hh, w_hr, 1, backward=False).scheme
+    return _ext().forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, scheme, POISON)
 
 
 def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
+    scheme = _plan(mode, x, w_ih, w_hh, w_hr, 1, backward=True).scheme
     return _ext().backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx, SCHEME, POISON
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx, scheme, POISON
     )
 
 
-def _by_layers(mode, x, w_hh, w_hr, backward):
-    """Whether a stack runs one layer at a time (each layer its own launch) instead of one wavefront: when it
-    is deeper than one launch holds, or, under "auto", when the wavefront's weight slices (W_hh and W_ih of
-    every layer at once) do not fit on chip but one layer's do. Where neither fits, the wavefront runs per
-    step: T + L - 1 launches instead of L * T."""
-    layers = len(w_hh)
-    if layers > _ext().max_layers:
-        return True
-    if SCHEME != "auto" or layers == 1:
-        return False
-    H, P, proj = w_hh[0].shape[0] // GATES[mode], w_hh[0].shape[1], bool(w_hr)
-    shape = (mode, x.dtype, x.device, H, P)
-    return not _fits_on_chip(*shape, layers, proj, backward) and _fits_on_chip(*shape, 1, proj, backward)
+def _plan(mode, x, w_ih, w_hh, w_hr, layers, backward):
+    """The plan of a call on `layers` layers (x: (T, B, I); w_ih, w_hh: one layer's or lists of them): the scheme
+    FUSEDRNN_CUDA_SCHEME forces (a stack then runs one wavefront, except gemm and stacks deeper than one launch,
+    which go layer by layer), else the planner's choice among the CUDA schemes. Reads shapes only: no sync."""
+    w_ih, w_hh = (w_ih[0], w_hh[0]) if isinstance(w_hh, (list, tuple)) else (w_ih, w_hh)
+    T, B, I = x.shape
+    H, P, proj = w_hh.shape[0] // GATES[mode], w_hh.shape[1], bool(w_hr is not None and len(w_hr))
+    too_deep = layers > _ext().max_layers
+    if SCHEME != "auto":
+        return planner.Plan("cuda", SCHEME, layers > 1 and (too_deep or SCHEME == "gemm"), {})
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    chosen = _planned(mode, x.dtype, x.device, T, B, I, H, P, min(layers, _ext().max_layers), proj, backward, tf32)
+    return dataclasses.replace(chosen, by_layers=chosen.by_layers or too_deep)
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(mode, dtype, device, T, B, I, H, P, layers, proj, backward, tf32):
+    """planner.plan among the CUDA schemes, with the launcher's exact answer to whether persistent fits. Cached:
+    a training step asks four times on a latency-bound path. tf32: torch.backends.cuda.matmul.allow_tf32."""
+    shape = planner.Shape.of(mode, T, B, I, H, P, layers, dtype, tf32)
+    fits = functools.partial(_fits_on_chip, mode, dtype, device, H, P, proj=proj, backward=backward)
+    return planner.plan(shape, planner.Device.of(device), fits=fits, backends=("cuda",))
 
 
 @functools.lru_cache(maxsize=1024)
 def _fits_on_chip(mode, dtype, device, H, P, layers, proj, backward):
     """Whether such a stack runs persistent. Cached: a plan query is several CUDA API calls (device
-    attributes, occupancy), and a training step asks four times, on a path that is latency-bound."""
+    attributes, occupancy), and a training step asks four times, on a latency-bound path."""
     return _ext().fits_on_chip(mode, torch.empty(0, dtype=dtype, device=device), H, P, layers, proj, backward)
 
 
 def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
-    """A unidirectional stack (reference.py's stack contract), as one wavefront launch where it can: layer l
-    runs step t while layer l + 1 runs step t - 1 (see ``_by_layers`` for when it goes layer by layer)."""
+    """A unidirectional stack (reference.py's stack contract), as one wavefront launch where the plan says so:
+    layer l runs step t while layer l + 1 runs step t - 1; else layer by layer, each layer planned alone."""
     args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths)
-    if _by_layers(mode, x, w_hh, w_hr, backward=False):
+    chosen = _plan(mode, x, w_ih, w_hh, w_hr, len(w_hh), backward=False)
+    if chosen.by_layers:
         return reference.stack_forward_by_layers(forward, *args, save)
-    return _ext().stack_forward(*args, False, save, SCHEME, POISON)
+    return _ext().stack_forward(*args, False, save, chosen.scheme, POISON)
 
 
 def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
                    need_dx=True):
     args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths)
     cotangents = (ys, ws, dys, dh_n, dc_n)
-    if _by_layers(mode, x, w_hh, w_hr, backward=True):
+    chosen = _plan(mode, x, w_ih, w_hh, w_hr, len(w_hh), backward=True)
+    if chosen.by_layers:
         return reference.stack_backward_by_layers(backward, *args, *cotangents, need_dx)
-    return _ext().stack_backward(*args, False, *cotangents, need_dx, SCHEME, POISON)
+    return _ext().stack_backward(*args, False, *cotangents, need_dx, chosen.scheme, POISON)
 
 
 def last_scheme():
-    """"persistent" or "per_step": how the last forward or backward call in this process ran."""
+    """"persistent", "per_step" or "gemm": how the last forward or backward call in this process ran."""
     return _ext().last_scheme()

@@ -1,8 +1,8 @@
 """CUDA backend vs cuDNN (torch.nn on CUDA) and a float64 reference, with the oracle of conftest.py.
 
 Every cell (LSTM incl. proj_size, GRU, RNN tanh/relu), 1-3 layers, bidirectional, PackedSequence,
-float32 / float16 / bfloat16, awkward shapes (H=123, B=1, T=1, I != H), the book's model, and both
-schemes of the kernels (persistent, per_step) as well as the automatic choice. Unidirectional stacks run as
+float32 / float16 / bfloat16, awkward shapes (H=123, B=1, T=1, I != H), the book's model, and every
+scheme (persistent, per_step, gemm) as well as the automatic choice (fusedrnn/planner.py). Unidirectional stacks run as
 one wavefront; with dropout masks they are checked against the reference's stack contract. Every buffer the kernels
 write is NaN-poisoned first (fusedrnn.cuda.POISON), so an element a kernel never wrote fails the
 oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run anywhere.
@@ -34,7 +34,7 @@ from fusedrnn import cuda as cuda_backend
 from fusedrnn import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCHEMES = ("persistent", "per_step")
+SCHEMES = ("persistent", "per_step", "gemm")
 
 
 @pytest.fixture(autouse=True)
@@ -153,11 +153,12 @@ def test_stack_with_dropout_masks(monkeypatch, scheme, dtype, cell):
 
 
 @pytest.mark.gpu
-def test_weights_too_big_for_chip_fall_back_to_per_step():
-    """H=2048 LSTM in float32 (64 MiB of W_hh) cannot stay on chip: auto runs the per-step kernels."""
+def test_weights_too_big_for_chip_run_from_global_memory():
+    """H=2048 LSTM in float32 (64 MiB of W_hh) cannot stay on chip: auto runs per_step or gemm (the planner's
+    pick between the two is a matter of its constants)."""
     fused, ref = make_pair("lstm", 16, 2048, "cuda", device="cuda")
     check_oracle(fused, ref, random_input(3, 2, 16), random_hx("lstm", 1, 2, 2048), dtype=torch.float32, device="cuda")
-    assert cuda_backend.last_scheme() == "per_step"
+    assert cuda_backend.last_scheme() in ("per_step", "gemm")
 
 
 @pytest.mark.gpu
@@ -195,3 +196,93 @@ def test_a_refused_launch_leaves_no_cuda_error(monkeypatch):
         fused(torch.randn(3, 2, 16, device="cuda"))
     torch.cuda.synchronize()
     assert (torch.ones(4, device="cuda") * 2).sum().item() == 8
+
+
+# ---- CUDA graphs and host-device synchronisation -------------------------------------------------------------
+# The CUDA path (fusedrnn/modules.py -> ops.py -> cuda.py -> csrc/cuda_binding.cpp) must not read device values
+# on the host: no .item(), no copies to the CPU, no host tensors built per call, no branch on tensor values. Shapes,
+# flags and cached device properties decide everything, so a short call can be captured in a CUDA graph.
+SYNC_FREE_SOURCES = ("fusedrnn/cuda.py", "fusedrnn/planner.py", "csrc/cuda_binding.cpp")
+DEVICE_READS = (".item(", "item<", ".cpu()", ".tolist()", "synchronize", "kCPU", "torch.tensor(", ".nonzero(")
+
+
+def test_cuda_path_reads_no_device_values():
+    """A guard anywhere (the GPU tests below are the proof): none of the calls that copy device values to the
+    host appears in the CUDA backend's Python or binding sources."""
+    root = cuda_backend.CSRC.parent
+    found = [(name, what) for name in SYNC_FREE_SOURCES for what in DEVICE_READS if what in (root / name).read_text()]
+    assert not found, f"host reads of device values in the CUDA path: {found}"
+
+
+def _short_call_model(cell, scheme, monkeypatch):
+    """A 2-layer fused model of `cell` on CUDA with the backend's scheme forced (None: the planner's choice)."""
+    if scheme is not None:
+        _use_scheme(monkeypatch, scheme)
+    fused, _ = make_pair(cell, 6, 32, "cuda", device="cuda", num_layers=2)
+    return fused
+
+
+def _step(model, x, hx):
+    """Forward + backward of a scalar loss; returns the outputs and the parameters' .grad tensors."""
+    y, hidden = model(x, hx)
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    loss = y.square().sum() + sum(h.sum() for h in hidden)
+    loss.backward()
+    return [y, *hidden], [p.grad for p in model.parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [None, *SCHEMES], ids=lambda s: s or "planned")
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_cuda_graph_captures_forward_and_backward(monkeypatch, cell, T, scheme):
+    """torch.cuda.graphs captures a fused module's forward and backward (the recipe of torch's CUDA graph docs:
+    warm-up on a side stream, then capture), and a replay on new inputs equals an eager call on them."""
+    model = _short_call_model(cell, scheme, monkeypatch)
+    B, states = 4, 2
+    static_x = torch.randn(T, B, 6, device="cuda", requires_grad=True)
+    static_h = random_hx(cell, states, B, 32, dtype=torch.float32)
+    static_h = tuple(h.cuda() for h in static_h) if isinstance(static_h, tuple) else static_h.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            _step(model, static_x, static_h)
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)  # the captured backward allocates the .grad tensors from the graph's pool
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_grads = _step(model, static_x, static_h)
+    fresh_x = torch.randn_like(static_x)
+    with torch.no_grad():
+        static_x.copy_(fresh_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = [t.clone() for t in static_out], [g.clone() for g in static_grads]
+    model.zero_grad(set_to_none=True)
+    eager_out, eager_grads = _step(model, fresh_x.requires_grad_(True), static_h)
+    for got, want in zip([*captured[0], *captured[1]], [*eager_out, *eager_grads], strict=True):
+        torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [None, *SCHEMES], ids=lambda s: s or "planned")
+@pytest.mark.parametrize("T", [1, 5])
+def test_cuda_path_does_not_sync(monkeypatch, T, scheme):
+    """Forward and backward of a short call under torch.cuda.set_sync_debug_mode("error"): any synchronising
+    call (a device value read on the host, a blocking copy) raises. Warmed up first: building the extension and
+    the first planning queries are one-time work."""
+    model = _short_call_model("lstm", scheme, monkeypatch)
+    x = torch.randn(T, 4, 6, device="cuda", requires_grad=True)
+    hx = tuple(h.cuda() for h in random_hx("lstm", 2, 4, 32, dtype=torch.float32))
+    _step(model, x, hx)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(model, x, hx)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert model.last_backend == "cuda"

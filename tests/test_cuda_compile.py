@@ -32,7 +32,7 @@ KERNEL_FILES = sorted(CSRC.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
 EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
 EMULATION_DIR = EXTENSIONS_DIR / "fusedrnn_emulation"
-KERNELS_PER_FILE = {"lstm_cell.cu": 12, "gru_cell.cu": 12, "rnn_cell.cu": 24}  # fwd/bwd x 3 dtypes x 2 schemes
+KERNELS_PER_FILE = {"lstm_cell.cu": 18, "gru_cell.cu": 18, "rnn_cell.cu": 36}  # fwd/bwd x 3 dtypes x 3 kinds
 
 
 def _cuda_include():
@@ -179,23 +179,30 @@ def _check(emulated, mode, case, scheme, dtype=torch.float32):
         assert err <= factor * err_ref + FLOOR[dtype], f"{name}: err {err:.2e} vs reference in {dtype} {err_ref:.2e}"
 
 
-@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("scheme", ("persistent", "per_step", "gemm"))
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
 def test_emulated_matches_reference(emulated, mode, case, scheme):
     _check(emulated, mode, CASES[case], scheme)
 
 
-@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+@pytest.mark.parametrize("scheme", ("persistent", "per_step", "gemm"))
 @pytest.mark.parametrize("lengths,reverse", [(None, False), ([1, 4, 3], False), ([4, 2, 3], True)])
 def test_emulated_lstm_proj(emulated, lengths, reverse, scheme):
     _check(emulated, "lstm", (4, 3, 5, 9, 4, lengths, reverse), scheme)
 
 
+@pytest.mark.parametrize("scheme", ("persistent", "gemm"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("mode", ("lstm", "gru"))
-def test_emulated_half_precision(emulated, mode, dtype):
-    _check(emulated, mode, CASES["packed-reverse"], "persistent", dtype)
+@pytest.mark.parametrize("mode", ("lstm", "gru", "rnn_tanh"))
+def test_emulated_half_precision(emulated, mode, dtype, scheme):
+    """gemm: the recurrent products in the layer's dtype (ATen GEMMs, float32 accumulation), as cuDNN does."""
+    _check(emulated, mode, CASES["packed-reverse"], scheme, dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_emulated_gemm_lstm_proj_half(emulated, dtype):
+    _check(emulated, "lstm", (4, 3, 5, 9, 4, [1, 4, 3], True), "gemm", dtype)
 
 
 def test_emulated_reverse_fiber_order(emulated):
@@ -218,9 +225,10 @@ def test_emulated_reverse_fiber_order(emulated):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_emulated_many_rows(emulated):
+@pytest.mark.parametrize("scheme", ("persistent", "gemm"))
+def test_emulated_many_rows(emulated, scheme):
     """T*B > 1024 rows: the float32 weight gradients take the binding's blocked float64 sum."""
-    _check(emulated, "lstm", (30, 40, 3, 4, 4, [30] * 39 + [7], False), "persistent")
+    _check(emulated, "lstm", (30, 40, 3, 4, 4, [30] * 39 + [7], False), scheme)
 
 
 # ---- stacks: the wavefront (layer l at step s alongside layer l + 1 at step s - 1) --------------------------
@@ -279,9 +287,13 @@ def test_emulated_stack_without_dx(emulated, mode):
     "mode,layers,H,scheme,wavefront,ran",
     [
         ("gru", 9, 4, "per_step", False, "per_step"),  # deeper than one launch holds
-        ("lstm", 2, 64, "auto", False, "persistent"),  # 2 layers' slices exceed the 48 KiB, one layer's do not
+        # auto, the planner on the emulated device (tests/test_planner.py pins its logic): 2 layers' slices
+        # exceed the 48 KiB, and T + 1 launches of the per-step wavefront beat 2T grid barriers layer by layer
+        ("lstm", 2, 64, "auto", True, "per_step"),
         ("lstm", 2, 8, "auto", True, "persistent"),
         ("rnn_tanh", 2, 64, "per_step", True, "per_step"),  # a forced scheme keeps the wavefront
+        ("gru", 3, 8, "gemm", False, "gemm"),  # gemm runs one layer per call
+        ("lstm", 2, 5, "gemm", False, "gemm"),
     ],
 )
 def test_emulated_stack_wavefront_or_layer_by_layer(emulated, monkeypatch, mode, layers, H, scheme, wavefront, ran):
@@ -308,16 +320,39 @@ def test_emulated_stack_wavefront_or_layer_by_layer(emulated, monkeypatch, mode,
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}")
 
 
-@pytest.mark.parametrize("scheme", ("persistent", "per_step"))
+def test_emulated_gemm_refuses_a_stack(emulated):
+    inputs, _ = random_stack("lstm", 2, 3, 2, 3, 5, 5, None, False)
+    args = [[t.float() for t in a] if isinstance(a, list) else a if a is None else a.float() for a in inputs]
+    with pytest.raises(ValueError, match="one layer per call"):
+        emulated.stack_forward("lstm", *args, False, True, "gemm", True)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_emulated_gemm_stack_by_layers(emulated, monkeypatch, mode, dtype):
+    """A stack under gemm (fusedrnn.cuda goes layer by layer): dropout masks, lengths, proj_size for lstm."""
+    from fusedrnn import cuda
+
+    monkeypatch.setattr(cuda, "_ext", lambda: emulated)
+    monkeypatch.setattr(cuda, "SCHEME", "gemm")
+    monkeypatch.setattr(cuda, "POISON", True)
+    P = 4 if mode == "lstm" else 7
+    inputs, cot = random_stack(mode, 3, 4, 5, 3, 7, P, [4, 1, 3, 2, 4], True)
+    check_stack_oracle(cuda.stack_forward, cuda.stack_backward, mode, inputs, cot, dtype, True)
+    assert emulated.last_scheme() == "gemm"
+
+
+@pytest.mark.parametrize("scheme", ("persistent", "per_step", "gemm"))
 @pytest.mark.parametrize("mode", CELLS)
 def test_emulated_inference_writes_no_workspace(emulated, mode, scheme):
     """save=False (no backward follows): the kernels write no ws, and the outputs are the same bits."""
-    inputs, _ = random_stack(mode, 2, 4, 3, 3, 5, 5, [4, 2, 3], True)
+    inputs, _ = random_stack(mode, 1 if scheme == "gemm" else 2, 4, 3, 3, 5, 5, [4, 2, 3], True)
     args = [[t.float() for t in a] if isinstance(a, list) else a if a is None or a.dtype == torch.int64 else a.float()
             for a in inputs]
     saved = emulated.stack_forward(mode, *args, False, True, scheme, True)
     lean = emulated.stack_forward(mode, *args, False, False, scheme, True)
-    assert lean[3].shape == (0,) and saved[3].shape == (2, *reference.workspace_shape(mode, 4, 3, 5, 5))
+    layers = 1 if scheme == "gemm" else 2
+    assert lean[3].shape == (0,) and saved[3].shape == (layers, *reference.workspace_shape(mode, 4, 3, 5, 5))
     for a, b in zip(saved[:3], lean[:3]):
         assert (a is None and b is None) or torch.equal(a, b)
 

@@ -1,6 +1,6 @@
 """The Triton backend on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without
 CUDA), at tiny shapes: every cell, forward and backward, 1-2 layers, both directions, proj_size, packed
-lengths, tiling edge cases. Checked against torch.nn (and the reference backend) with the oracle in
+lengths, tiling edge cases, in both variants (persistent, split). Checked against torch.nn (and the reference backend) with the oracle in
 conftest.py. On a CUDA machine the interpreter is off and these skip; tests/test_triton_gpu.py runs there.
 """
 
@@ -17,6 +17,16 @@ from fusedrnn import triton as triton_backend
 
 _REASON = triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}")
+
+
+@pytest.fixture(autouse=True, params=["persistent", "split"])
+def variant(request, monkeypatch):
+    """Every test runs both variants of the kernels (fusedrnn/triton/common.py): one launch looping over all
+    steps, and per-step launches of each phase over (batch tile x unit tile) programs."""
+    from fusedrnn.triton import common
+
+    monkeypatch.setattr(common, "VARIANT", request.param)
+    return request.param
 
 
 def _states(bidirectional, layers):

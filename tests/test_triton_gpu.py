@@ -1,6 +1,7 @@
 """The Triton backend on a CUDA device vs cuDNN (torch.nn on CUDA) vs a float64 reference (conftest's oracle):
 outputs within 2x cuDNN's error, gradients within 3x, never NaN. Awkward shapes (H=123, B=1, T=1, I != H,
-a batch over several programs), large H, proj_size, packed lengths, tf32, and the book's model.
+a batch over several programs), large H, proj_size, packed lengths, tf32, and the book's model; both variants
+(persistent, split).
 
 Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here touches CUDA at import.
 """
@@ -21,6 +22,15 @@ def _triton_on_cuda():
     reason = triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
     if reason is not None:
         pytest.skip(f"triton backend on CUDA: {reason}")
+
+
+@pytest.fixture(autouse=True, params=["persistent", "split"])
+def variant(request, monkeypatch):
+    """Both variants of the kernels (fusedrnn/triton/common.py) on every test."""
+    from fusedrnn.triton import common
+
+    monkeypatch.setattr(common, "VARIANT", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -85,3 +95,32 @@ def test_tf32(cell, tf32):
 def test_book_model(dtype):
     """The book's model: LSTM, T=35, B=32, I=28, H=256, 2 layers."""
     _check("lstm", random_input(35, 32, 28), 256, dtype, layers=2)
+
+
+def test_split_variant_replays_repeated_launches_from_a_cuda_graph(monkeypatch):
+    """The same split-variant launches three times with the same pointers (what a training loop gives): run
+    directly, then captured and replayed, then replayed. Every run writes the same y, and it is the recurrence's."""
+    import collections
+
+    from fusedrnn.triton import common, rnn
+
+    monkeypatch.setattr(common, "_GRAPHS", collections.OrderedDict())
+    T, B, H = 5, 3, 40
+    x = torch.empty(T, B, 7, device="cuda")  # the launch reads only its shape and device
+    gx, h0 = torch.randn(T, B, H, device="cuda"), torch.randn(B, H, device="cuda")
+    w_hh, b_hh = torch.randn(H, H, device="cuda") / H**0.5, torch.randn(H, device="cuda")
+    y = torch.empty(T, B, H, device="cuda")
+    args = (gx, h0, w_hh, b_hh, h0, y, T, B, H)  # h0 stands in for the absent lengths
+    runs = []
+    for _ in range(3):
+        y.fill_(float("nan"))
+        common.launch(rnn.rnn_forward_kernel, x, H, args, [(common.UNITS, H)], True, RELU=False, REVERSE=False,
+                      HAS_BIAS=True, HAS_LENGTHS=False)
+        runs.append(y.clone())
+    assert [graph is not None for graph in common._GRAPHS.values()] == [True]
+    h, want = h0.double(), []
+    for t in range(T):
+        h = torch.tanh(gx[t].double() + h @ w_hh.double().T + b_hh.double())
+        want.append(h)
+    torch.testing.assert_close(runs[0].double(), torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])

@@ -15,7 +15,10 @@ libdevice (the interpreter has no libdevice, and one formula everywhere keeps CP
 same math): tanh is its odd Taylor series below |x| = 0.625 and 2 * sigmoid(2x) - 1 above.
 """
 
+import collections
 import contextlib
+import functools
+import os
 
 import torch
 import triton
@@ -25,6 +28,25 @@ BLOCK_B = 16  # batch rows per program; tl.dot needs M >= 16 on GPUs
 MAX_BLOCK_N = 32  # hidden units per tile (module attributes so tests can shrink them to exercise tiling)
 MAX_BLOCK_K = 32  # reduction width per tl.dot; 64-wide tiles spill registers on sm_90 (ptxas -v), 32 barely
 _INT32_MAX = 2**31 - 1
+
+# Two variants run the same kernels. "persistent": one launch per layer-direction and pass, one program per
+# BLOCK_B batch rows looping over all steps and owning every unit (today's design, above). "split": per step, one
+# launch per phase over (batch tile x BLOCK_N units or outputs) programs, so at small B the grid still covers the
+# SMs and each program streams only its units' rows of W_hh instead of all of it: the persistent variant at B <= 16
+# runs on ONE SM that reads all of W_hh (1 MiB at the book's H = 256 in float32) every step; split spreads that
+# over H / BLOCK_N programs, for a launch per phase and step: on a GPU, a call whose launches repeat (same shapes
+# and pointers, as in a training loop) replays them from a CUDA graph instead (_graphed). Phases are the parts of a step separated by a barrier: each reads
+# what other programs wrote in the phase before. The persistent launch runs all phases; under the interpreter
+# (serial programs) both variants run. VARIANT (FUSEDRNN_TRITON_VARIANT) forces one; "auto" asks
+# fusedrnn/planner.py.
+# Phase bits (constexpr: kernels may read only constexpr globals): the units over H; over the P outputs the
+# projection, dL/dh_t, and the carry dh_{t-1} = dG W_hh.
+UNITS, OUTS, DH, CARRY = (tl.constexpr(1 << k) for k in range(4))
+VARIANTS = ("auto", "persistent", "split")
+# The kernels' step-range arguments: never specialized on their values (Triton compiles separate variants for
+# arguments equal to 1 or divisible by 16 otherwise, and the split variant passes every step number).
+STEP_RANGE = ["s_begin", "s_end"]
+VARIANT = os.environ.get("FUSEDRNN_TRITON_VARIANT", "auto")
 
 # True when the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported):
 # then they run on CPU tensors only. Fixed at import, as triton.jit decides it then.
@@ -55,6 +77,19 @@ def tanh(x):
     p = p * z + 1.3333333333333333e-01
     p = p * z + -3.333333333333333e-01
     return tl.where(tl.abs(x) < 0.625, x + x * z * p, 2.0 * sigmoid(2.0 * x) - 1.0)
+
+
+@triton.jit
+def own_range(dim, span, phases, PHASE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the units (or outputs) of a dimension of size `dim` this program owns in phase PHASE: span of
+    them from program_id(1) * span (the persistent variant passes a span >= dim: all of them; the split variant
+    span = BLOCK_N: one tile); empty when the launch's phase mask `phases` leaves PHASE out. span is a multiple
+    of BLOCK_N (common.launch), which the hint on lo tells the compiler; callers mask their tiles with
+    `cols < dim`, not `< hi` (equal within [lo, hi)). With both, tiles whose dim is a multiple of 16 load in
+    8- and 16-byte vectors instead of single elements."""
+    lo = tl.multiple_of(tl.program_id(1) * span, BLOCK_N)
+    hi = tl.minimum(lo + span, dim)
+    return lo, tl.where((phases & PHASE) != 0, hi, lo)
 
 
 @triton.jit
@@ -180,14 +215,15 @@ def store_held(y_t_ptr, h_prev_ptr, W, rows, row_ok, cols, col_ok, valid, h_new)
 
 
 @triton.jit
-def add_output_grad(dh_ptr, dy_t_ptr, dht_ptr, dhy_t_ptr, valid, rows, row_ok, P, STORE_DHY: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """Backward, first phase of a step: the gradient reaching h_t.
+def add_output_grad(dh_ptr, dy_t_ptr, dht_ptr, dhy_t_ptr, valid, rows, row_ok, P, span, phases,
+                    STORE_DHY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward, first phase of a step (DH): the gradient reaching h_t, on this program's outputs.
 
     dht = dh + dy_t on rows with a step t (dy is ignored at padded steps); with STORE_DHY also
     dhy_t = dht there and 0 elsewhere (for dW_hr). dh, dht: (B, P) fp32; dy_t, dhy_t: (B, P)."""
     keep = valid[:, None]
-    for p0 in range(0, P, BLOCK_N):
+    lo, hi = own_range(P, span, phases, DH, BLOCK_N)
+    for p0 in range(lo, hi, BLOCK_N):
         cols = p0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         dy = load_tile(dy_t_ptr, P, rows, row_ok, cols, col_ok)
@@ -198,28 +234,29 @@ def add_output_grad(dh_ptr, dy_t_ptr, dht_ptr, dhy_t_ptr, valid, rows, row_ok, P
 
 
 @triton.jit
-def backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, STORE_DHY: tl.constexpr,
-                  REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Backward step s undoes forward step k = T-1-s at time t. Runs add_output_grad (dh from plane s % 2
-    of the (2, B, P) dh_buf, dy and dhy: (T, B, P)) and the barrier after it; returns (k, t, valid)."""
+def backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, phases, span,
+                  STORE_DHY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward step s undoes forward step k = T-1-s at time t. Runs add_output_grad (phase DH: dh from plane
+    s % 2 of the (2, B, P) dh_buf, dy and dhy: (T, B, P)) and the barrier after it; returns (k, t, valid)."""
     k = T - 1 - s
     t = time_index(k, T, REVERSE)
     valid = row_ok & (t < lens)
     add_output_grad(dh_buf_ptr + (s % 2) * B * P, dy_ptr + t * B * P, dht_ptr, dhy_ptr + t * B * P, valid,
-                    rows, row_ok, P, STORE_DHY, BLOCK_N)
+                    rows, row_ok, P, span, phases, STORE_DHY, BLOCK_N)
     tl.debug_barrier()
     return k, t, valid
 
 
 @triton.jit
-def carry_hidden_grad(dg_t_ptr, GH, w_hh_ptr, dht_ptr, z_ptr, z_stride, dh_out_ptr, valid, rows, row_ok, P,
-                      HAS_DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+def carry_hidden_grad(dg_t_ptr, GH, w_hh_ptr, dht_ptr, z_ptr, z_stride, dh_out_ptr, valid, rows, row_ok, P, span,
+                      phases, HAS_DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Backward, last phase of a step: dh_{t-1} = dG_t W_hh (+ z * dh_t, the GRU's direct path, when
-    HAS_DIRECT) on rows that had step t, else dh_t (held).
+    """Backward, last phase of a step (CARRY), on this program's outputs: dh_{t-1} = dG_t W_hh (+ z * dh_t, the
+    GRU's direct path, when HAS_DIRECT) on rows that had step t, else dh_t (held).
 
     dG_t: (B, GH) hidden-side gate grads; w_hh: (GH, P); dht, dh_out: (B, P) fp32; z: rows z_stride apart."""
-    for p0 in range(0, P, BLOCK_N):
+    lo, hi = own_range(P, span, phases, CARRY, BLOCK_N)
+    for p0 in range(lo, hi, BLOCK_N):
         cols = p0 + tl.arange(0, BLOCK_N)
         col_ok = cols < P
         acc = tile_matmul(dg_t_ptr, GH, w_hh_ptr, P, 1, rows, row_ok, cols, col_ok, GH,
@@ -284,10 +321,99 @@ def tuning(x, H):
                 BLOCK_K=_block(H, MAX_BLOCK_K))
 
 
-def launch(kernel, x, H, args, **flags):
-    """The one place kernels start: one program per BLOCK_B rows of x: (T, B, I), on x's device.
-    args: the kernel's tensor and size arguments in order; flags: its constexpr switches."""
-    grid = (triton.cdiv(x.shape[1], BLOCK_B),)
+def launch_options(dtype, capability):
+    """Compiler options of a launch on a GPU of compute `capability` (major, minor). Software pipelining of the
+    reduction loops (Triton's default 3 stages) stays only for half precision on sm_90: elsewhere the extra
+    stages of operand tiles spilled registers (cubin resource usage: the float32 LSTM kernels 8-80 bytes on
+    sm_90 where H or P is not a multiple of 16, the half GRU forward 16 bytes on sm_80), local-memory traffic
+    on every step; with one stage none of the kernels spills (tests/test_triton_compile.py)."""
+    pipelined = dtype != torch.float32 and capability >= (9, 0)
+    return {"num_warps": 4} if pipelined else {"num_warps": 4, "num_stages": 1}
+
+
+def split(x, H, P, mode):
+    """Whether the split variant runs this layer (x: (T, B, I)): VARIANT when it forces one, else the planner's
+    choice between the two variants' models on x's device."""
+    if VARIANT not in VARIANTS:
+        raise ValueError(f"FUSEDRNN_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
+    if VARIANT != "auto":
+        return VARIANT == "split"
+    return _split_planned(mode, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_planned(mode, T, B, I, H, P, dtype, device, allow_tf32):
+    """The planner's choice between the two variants (cached: a call is latency-bound, the model is not free)."""
+    from .. import planner
+
+    shape = planner.Shape.of(mode, T, B, I, H, P, 1, dtype, allow_tf32)
+    device = planner.Device.of(device)
+    return planner.step_us("triton_split", shape, device) < planner.step_us("triton", shape, device)
+
+
+def launch(kernel, x, H, args, phases, variant_split, **flags):
+    """The one place kernels start, on x's device (x: (T, B, I)). args: the kernel's tensor and size arguments
+    in order, before its step range (s_begin, s_end), phase mask and span; phases: the step's phases in order,
+    as (phase bit, width: H or P); flags: its constexpr switches. Persistent: one launch of one program per
+    BLOCK_B rows over all steps and phases. Split: per step, one launch per phase over (batch tiles x
+    ceil(width / BLOCK_N)) programs, each owning BLOCK_N units or outputs."""
+    T, B = x.shape[0], x.shape[1]
+    tiles = triton.cdiv(B, BLOCK_B)
+    constexprs = {**tuning(x, H), **flags}
+    options = launch_options(x.dtype, torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0))
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:
-        kernel[grid](*args, **tuning(x, H), **flags)
+        block = constexprs["BLOCK_N"]
+        if not variant_split:
+            mask = sum(bit.value for bit, _ in phases)
+            span = triton.cdiv(max(width for _, width in phases), block) * block  # all of every phase's width
+            kernel[(tiles, 1)](*args, 0, T, mask, span, **constexprs, **options)
+            return
+
+        def steps():
+            for s in range(T):
+                for bit, width in phases:
+                    kernel[(tiles, triton.cdiv(width, block))](*args, s, s + 1, bit.value, block, **constexprs,
+                                                               **options)
+
+        if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            key = (kernel, x.device, T, tiles, tuple((bit.value, width) for bit, width in phases),
+                   tuple(a.data_ptr() if torch.is_tensor(a) else a for a in args),
+                   tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            _graphed(key, steps)
+        else:
+            steps()
+
+
+# The split variant's CUDA graphs: {launch key: graph, or None once the key has been seen}, least recent first.
+# A key holds every argument of a call's launches, pointers included, so replaying its graph IS those launches.
+_GRAPHS = collections.OrderedDict()
+MAX_GRAPHS = 64
+
+
+def _graphed(key, steps):
+    """Run `steps` (a split-variant call's T x phases launches) from a CUDA graph when the same launches came
+    before: the first time directly (that also compiles the kernels), the second time captured on a side stream
+    and replayed, afterwards replayed: one graph launch instead of T x phases Python launches. A training loop
+    sees the same pointers step after step (the caching allocator hands the same blocks back), so its calls hit."""
+    if key not in _GRAPHS:
+        steps()
+        _GRAPHS[key] = None
+    else:
+        graph = _GRAPHS[key]
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    steps()
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
+            _GRAPHS[key] = graph  # only once captured: a failed capture leaves the key to be captured again
+        graph.replay()
+    _GRAPHS.move_to_end(key)
+    while len(_GRAPHS) > MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)

@@ -22,11 +22,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact, load_tile, sigmoid,
-                     store_held, store_tile, tanh, time_index)
+from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact,
+                     load_tile, own_range, sigmoid, store_held, store_tile, tanh, time_index)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def gru_forward_kernel(
     gx_ptr,  # (T, B, 3H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, H)
@@ -36,15 +36,17 @@ def gru_forward_kernel(
     y_ptr,  # out (T, B, H): h_t (held)
     ws_ptr,  # out (T, B, 4H): r, z, n, Bh_n
     T, B, H,
+    s_begin, s_end, phases, span,  # steps, phases (UNITS) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
+    for s in range(s_begin, s_end):
         t, valid, h_prev = forward_step(s, T, B, H, lens, row_ok, h0_ptr, y_ptr, REVERSE)
         gx_t = gx_ptr + t * B * 3 * H
         ws_t = ws_ptr + t * B * 4 * H
-        for n0 in range(0, H, BLOCK_N):
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             bh_r = hidden_preact(0, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H, HAS_BIAS,
@@ -65,7 +67,7 @@ def gru_forward_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def gru_backward_kernel(
     ws_ptr,  # (T, B, 4H) from the forward
     h0_ptr,  # (B, H)
@@ -78,19 +80,21 @@ def gru_backward_kernel(
     dh_buf_ptr,  # (2, B, H) fp32 ping-pong dh; plane 0 holds dh_n
     dht_ptr,  # (B, H) fp32 scratch: dh_t of the current step
     T, B, H,
+    s_begin, s_end, phases, span,  # steps, phases (DH, UNITS, CARRY) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
-        k, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, False,
-                                    REVERSE, BLOCK_N)
+    for s in range(s_begin, s_end):
+        k, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, phases, span,
+                                    False, REVERSE, BLOCK_N)
         keep = valid[:, None]
         ws_t = ws_ptr + t * B * 4 * H
         dgx_t = dgx_ptr + t * B * 3 * H
         dgh_t = dgh_ptr + t * B * 3 * H
         h_prev = tl.where(k == 0, h0_ptr, y_ptr + time_index(k - 1, T, REVERSE) * B * H)
-        for n0 in range(0, H, BLOCK_N):
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             dh = load_tile(dht_ptr, H, rows, row_ok, cols, col_ok)
@@ -111,7 +115,7 @@ def gru_backward_kernel(
             store_tile(dgh_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok, dn * r)
         tl.debug_barrier()
         carry_hidden_grad(dgh_t, 3 * H, w_hh_ptr, dht_ptr, ws_t + H, 4 * H, dh_buf_ptr + ((s + 1) % 2) * B * H,
-                          valid, rows, row_ok, H, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                          valid, rows, row_ok, H, span, phases, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 
 
@@ -125,8 +129,8 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     y = x.new_empty(T, B, H)
     ws = x.new_empty(workspace_shape(mode, T, B, H, H))
     args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, ws, T, B, H)
-    common.launch(gru_forward_kernel, x, H, args, REVERSE=reverse, HAS_BIAS=b_hh is not None,
-                  HAS_LENGTHS=lengths is not None)
+    common.launch(gru_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, mode), REVERSE=reverse,
+                  HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
     return y, y[0 if reverse else T - 1].clone(), None, ws
 
 
@@ -139,7 +143,9 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     dh_buf = common.state_buffer(dh_n)
     dht = dh_buf.new_empty(B, H)
     args = (ws, h0, y, w_hh, common.stand_in(lengths, h0), dy, dgx, dgh, dh_buf, dht, T, B, H)
-    common.launch(gru_backward_kernel, x, H, args, REVERSE=reverse, HAS_LENGTHS=lengths is not None)
+    phases = [(common.DH, H), (common.UNITS, H), (common.CARRY, H)]
+    common.launch(gru_backward_kernel, x, H, args, phases, common.split(x, H, H, mode), REVERSE=reverse,
+                  HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
     return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dgx, dgh, None, dh0, None, H,
                          need_dx)

@@ -27,11 +27,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact, load_tile, sigmoid,
-                     store_held, store_tile, tanh, tile_matmul, time_index)
+from .common import (OUTS, STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step,
+                     gate_preact, load_tile, own_range, sigmoid, store_held, store_tile, tanh, tile_matmul, time_index)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def lstm_forward_kernel(
     gx_ptr,  # (T, B, 4H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, P)
@@ -44,11 +44,12 @@ def lstm_forward_kernel(
     c_buf_ptr,  # (2, B, H) fp32 ping-pong cell state; plane 0 holds c0
     r_buf_ptr,  # (B, H) x's dtype: o tanh(c_t) of the current step, only if HAS_PROJ
     T, B, H, P,
+    s_begin, s_end, phases, span,  # steps, phases (UNITS, OUTS) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
+    for s in range(s_begin, s_end):
         t, valid, h_prev = forward_step(s, T, B, P, lens, row_ok, h0_ptr, y_ptr, REVERSE)
         keep = valid[:, None]
         c_prev = c_buf_ptr + (s % 2) * B * H
@@ -56,7 +57,8 @@ def lstm_forward_kernel(
         gx_t = gx_ptr + t * B * 4 * H
         ws_t = ws_ptr + t * B * 5 * H
         y_t = y_ptr + t * B * P
-        for n0 in range(0, H, BLOCK_N):
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             i = sigmoid(gate_preact(0, 4, gx_t, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, P,
@@ -83,7 +85,8 @@ def lstm_forward_kernel(
                 store_held(y_t, h_prev, P, rows, row_ok, cols, col_ok, valid, out)
         tl.debug_barrier()
         if HAS_PROJ:
-            for p0 in range(0, P, BLOCK_N):
+            lo, hi = own_range(P, span, phases, OUTS, BLOCK_N)
+            for p0 in range(lo, hi, BLOCK_N):
                 cols = p0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < P
                 h_new = tile_matmul(r_buf_ptr, H, w_hr_ptr, 1, H, rows, row_ok, cols, col_ok, H,
@@ -92,7 +95,7 @@ def lstm_forward_kernel(
             tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def lstm_backward_kernel(
     ws_ptr,  # (T, B, 5H) from the forward
     c0_ptr,  # (B, H)
@@ -106,13 +109,14 @@ def lstm_backward_kernel(
     dc_buf_ptr,  # (2, B, H) fp32 ping-pong dc; plane 0 holds dc_n
     dht_ptr,  # (B, P) fp32 scratch: dh_t of the current step
     T, B, H, P,
+    s_begin, s_end, phases, span,  # steps, phases (DH, UNITS, CARRY) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
-        k, t, valid = backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, HAS_PROJ,
-                                    REVERSE, BLOCK_N)
+    for s in range(s_begin, s_end):
+        k, t, valid = backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, phases, span,
+                                    HAS_PROJ, REVERSE, BLOCK_N)
         keep = valid[:, None]
         ws_t = ws_ptr + t * B * 5 * H
         dg_t = dg_ptr + t * B * 4 * H
@@ -120,7 +124,8 @@ def lstm_backward_kernel(
         c_prev_stride = tl.where(k == 0, H, 5 * H)
         dc_in = dc_buf_ptr + (s % 2) * B * H
         dc_out = dc_buf_ptr + ((s + 1) % 2) * B * H
-        for n0 in range(0, H, BLOCK_N):
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             if HAS_PROJ:
@@ -143,7 +148,7 @@ def lstm_backward_kernel(
             store_tile(dc_out, H, rows, row_ok, cols, col_ok, tl.where(keep, dct * f, dc))
         tl.debug_barrier()
         carry_hidden_grad(dg_t, 4 * H, w_hh_ptr, dht_ptr, dht_ptr, P, dh_buf_ptr + ((s + 1) % 2) * B * P, valid,
-                          rows, row_ok, P, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                          rows, row_ok, P, span, phases, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 
 
@@ -159,8 +164,9 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     c_buf = common.state_buffer(c0)
     r_buf = x.new_empty(B, H) if w_hr is not None else y
     args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(w_hr, w_hh), common.stand_in(lengths, h0), y, ws, c_buf, r_buf, T, B, H, P)
-    common.launch(lstm_forward_kernel, x, H, args, REVERSE=reverse, HAS_BIAS=b_hh is not None,
-                  HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None)
+    phases = [(common.UNITS, H)] + ([(common.OUTS, P)] if w_hr is not None else [])
+    common.launch(lstm_forward_kernel, x, H, args, phases, common.split(x, H, P, mode), REVERSE=reverse,
+                  HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None)
     last = 0 if reverse else T - 1
     return y, y[last].clone(), ws[last, :, 4 * H:].clone(), ws
 
@@ -175,8 +181,9 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     dh_buf, dc_buf = common.state_buffer(dh_n), common.state_buffer(dc_n)
     dht = dh_buf.new_empty(B, P)
     args = (ws, c0, w_hh, common.stand_in(w_hr, w_hh), common.stand_in(lengths, c0), dy, dg, common.stand_in(dhy, dg), dh_buf, dc_buf, dht, T, B, H, P)
-    common.launch(lstm_backward_kernel, x, H, args, REVERSE=reverse, HAS_LENGTHS=lengths is not None,
-                  HAS_PROJ=w_hr is not None)
+    phases = [(common.DH, P), (common.UNITS, H), (common.CARRY, P)]
+    common.launch(lstm_backward_kernel, x, H, args, phases, common.split(x, H, P, mode), REVERSE=reverse,
+                  HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None)
     dh0, dc0 = common.final_state(dh_buf, T, x.dtype), common.final_state(dc_buf, T, x.dtype)
     return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, w_hr, dg, dg, dhy, dh0, dc0, H,
                          need_dx)

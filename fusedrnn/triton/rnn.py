@@ -20,11 +20,11 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact, load_tile, store_held,
-                     store_tile, tanh)
+from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact,
+                     load_tile, own_range, store_held, store_tile, tanh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_forward_kernel(
     gx_ptr,  # (T, B, H) x W_ih^T + b_ih, x's dtype
     h0_ptr,  # (B, H)
@@ -33,13 +33,15 @@ def rnn_forward_kernel(
     len_ptr,  # (B,) int64, read only if HAS_LENGTHS
     y_ptr,  # out (T, B, H): h_t (held)
     T, B, H,
+    s_begin, s_end, phases, span,  # steps, phases (UNITS) and units per program: see common.launch
     RELU: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
+    for s in range(s_begin, s_end):
         t, valid, h_prev = forward_step(s, T, B, H, lens, row_ok, h0_ptr, y_ptr, REVERSE)
-        for n0 in range(0, H, BLOCK_N):
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             pre = gate_preact(0, 1, gx_ptr + t * B * H, h_prev, w_hh_ptr, b_hh_ptr, rows, row_ok, cols, col_ok, H, H,
@@ -52,7 +54,7 @@ def rnn_forward_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_backward_kernel(
     y_ptr,  # (T, B, H) from the forward
     w_hh_ptr,  # (H, H)
@@ -62,14 +64,16 @@ def rnn_backward_kernel(
     dh_buf_ptr,  # (2, B, H) fp32 ping-pong dh; plane 0 holds dh_n
     dht_ptr,  # (B, H) fp32 scratch: dh_t of the current step
     T, B, H,
+    s_begin, s_end, phases, span,  # steps, phases (DH, UNITS, CARRY) and units per program: see common.launch
     RELU: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_ok, lens = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
-    for s in range(T):
-        _, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, False,
-                                    REVERSE, BLOCK_N)
-        for n0 in range(0, H, BLOCK_N):
+    for s in range(s_begin, s_end):
+        _, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, phases, span,
+                                    False, REVERSE, BLOCK_N)
+        lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             dh = load_tile(dht_ptr, H, rows, row_ok, cols, col_ok)
@@ -81,7 +85,7 @@ def rnn_backward_kernel(
             store_tile(dg_ptr + t * B * H, H, rows, row_ok, cols, col_ok, tl.where(valid[:, None], dg, 0.0))
         tl.debug_barrier()
         carry_hidden_grad(dg_ptr + t * B * H, H, w_hh_ptr, dht_ptr, dht_ptr, H, dh_buf_ptr + ((s + 1) % 2) * B * H,
-                          valid, rows, row_ok, H, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                          valid, rows, row_ok, H, span, phases, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 
 
@@ -94,8 +98,8 @@ def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     gx = _input_projection(x, w_ih, b_ih)
     y = x.new_empty(T, B, H)
     args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, T, B, H)
-    common.launch(rnn_forward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
-                  HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
+    common.launch(rnn_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, mode),
+                  RELU=mode == "rnn_relu", REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
     return y, y[0 if reverse else T - 1].clone(), None, x.new_empty(workspace_shape(mode, T, B, H, H))
 
 
@@ -108,8 +112,9 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
     dh_buf = common.state_buffer(dh_n)
     dht = dh_buf.new_empty(B, H)
     args = (y, w_hh, common.stand_in(lengths, y), dy, dg, dh_buf, dht, T, B, H)
-    common.launch(rnn_backward_kernel, x, H, args, RELU=mode == "rnn_relu", REVERSE=reverse,
-                  HAS_LENGTHS=lengths is not None)
+    phases = [(common.DH, H), (common.UNITS, H), (common.CARRY, H)]
+    common.launch(rnn_backward_kernel, x, H, args, phases, common.split(x, H, H, mode), RELU=mode == "rnn_relu",
+                  REVERSE=reverse, HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
     return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dg, dg, None, dh0, None, H,
                          need_dx)
