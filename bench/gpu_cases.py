@@ -2,7 +2,8 @@
 
     python bench/gpu_cases.py smoke       # under CUDA_LAUNCH_BLOCKING=1: a hang or fault names its case
     python bench/gpu_cases.py memcheck    # the case list compute-sanitizer memcheck runs
-    python bench/gpu_cases.py racecheck   # the shorter list racecheck runs (the persistent scheme)
+    python bench/gpu_cases.py racecheck   # the shorter list racecheck runs (the persistent scheme: the gemm
+                                          # scheme's pointwise kernels touch no shared memory)
 
 Each case runs a forward and a backward and prints one line when it is done, flushed, so that the log of a
 stage cut off or crashed ends at the case that did not finish.
@@ -18,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 import fusedrnn  # noqa: E402
 from fusedrnn import cuda  # noqa: E402
+from fusedrnn.triton import common as triton_common  # noqa: E402
 
 CLASSES = {"lstm": (fusedrnn.LSTM, {}), "gru": (fusedrnn.GRU, {}), "rnn_tanh": (fusedrnn.RNN, {"nonlinearity": "tanh"}),
            "rnn_relu": (fusedrnn.RNN, {"nonlinearity": "relu"})}
@@ -43,8 +45,10 @@ def _worst_error(got, want):
 
 
 def smoke_case(name, cell, backend, scheme="auto", layers=1, bidirectional=False, packed=False):
-    """One fused forward + backward against the reference backend in float64 on the same weights."""
-    cuda.SCHEME = scheme
+    """One fused forward + backward against the reference backend in float64 on the same weights. scheme: the
+    CUDA scheme, or for the triton backend its variant (persistent / split)."""
+    cuda.SCHEME = scheme if backend == "cuda" else "auto"
+    triton_common.VARIANT = scheme if backend == "triton" else "auto"
     torch.manual_seed(0)
     model = _model(cell, backend, num_layers=layers, bidirectional=bidirectional)
     gold = _model(cell, "reference", torch.float64, num_layers=layers, bidirectional=bidirectional)
@@ -52,7 +56,7 @@ def smoke_case(name, cell, backend, scheme="auto", layers=1, bidirectional=False
     x = torch.randn(4, 3, 5, device="cuda")
     error = _worst_error(_forward_backward(model, x, packed), _forward_backward(gold, x.double(), packed))
     torch.cuda.synchronize()
-    ran = f"{model.last_backend}" + (f"/{cuda.last_scheme()}" if backend == "cuda" else "")
+    ran = f"{model.last_backend}/" + (cuda.last_scheme() if backend == "cuda" else triton_common.VARIANT)
     assert model.last_backend == backend and (backend != "cuda" or scheme == "auto" or cuda.last_scheme() == scheme)
     assert error < 1e-4, f"{name}: relative error {error:.2e} against the float64 reference"
     print(f"smoke ok: {name} ({ran}): worst relative error {error:.1e}", flush=True)
@@ -62,7 +66,9 @@ def smoke():
     smoke_case("cuda persistent lstm, packed", "lstm", "cuda", "persistent", packed=True)
     smoke_case("cuda per-step gru, bidirectional", "gru", "cuda", "per_step", bidirectional=True)
     smoke_case("cuda wavefront stack, 2-layer lstm", "lstm", "cuda", "persistent", layers=2)
-    smoke_case("triton lstm, packed", "lstm", "triton", packed=True)
+    smoke_case("cuda gemm lstm, packed", "lstm", "cuda", "gemm", packed=True)
+    smoke_case("triton persistent lstm, packed", "lstm", "triton", "persistent", packed=True)
+    smoke_case("triton split lstm, packed", "lstm", "triton", "split", packed=True)  # + 1 compile: the rest shared
 
 
 def sanitize_case(cell, scheme, stack, **kwargs):
@@ -79,8 +85,10 @@ def sanitize_case(cell, scheme, stack, **kwargs):
 
 
 def memcheck():
-    """Every kernel instantiation of float32 in both schemes: every cell persistent, layer and stack; per step,
-    the lstm with projection and the gru (the other cells share their per-step code paths)."""
+    """Every kernel instantiation of float32 in the three schemes: every cell persistent, layer and stack; per
+    step, the lstm with projection and the gru (the other cells share their per-step code paths); gemm, every
+    cell's layer (forward and the backward's one-launch phases), the lstm with projection (the separate outs and
+    units phases) and a stack (layer by layer, dropout between)."""
     for cell in CLASSES:
         for stack in (False, True):
             sanitize_case(cell, "persistent", stack)
@@ -88,6 +96,10 @@ def memcheck():
     for stack in (False, True):
         sanitize_case("lstm", "per_step", stack, proj_size=3)
         sanitize_case("gru", "per_step", stack)
+    for cell in CLASSES:
+        sanitize_case(cell, "gemm", False)
+    sanitize_case("lstm", "gemm", False, proj_size=3)
+    sanitize_case("lstm", "gemm", True)
 
 
 def racecheck():

@@ -97,6 +97,7 @@ def test_book_model(dtype):
     _check("lstm", random_input(35, 32, 28), 256, dtype, layers=2)
 
 
+@pytest.mark.parametrize("variant", ["split"], indirect=True)  # it launches the split variant itself: once
 def test_split_variant_replays_repeated_launches_from_a_cuda_graph(monkeypatch):
     """The same split-variant launches three times with the same pointers (what a training loop gives): run
     directly, then captured and replayed, then replayed. Every run writes the same y, and it is the recurrence's."""
