@@ -250,6 +250,23 @@ def test_tile_matmul_rounds_tf32_operands(precision):
     assert torch.equal(out, torch.full((16, 16), K * operand))
 
 
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_layer_products_round_tf32_operands(allow_tf32):
+    """The rounding reaches the recurrent product of a whole layer, in each variant (the autouse fixture): h0 =
+    1 + 0.75 ulp (tf32's ulp, 2**-10) times a W_hh of 2**-6 over H = 64 units (two unit tiles in the split variant)
+    sums exactly to h0's value in fp32; rounded to nearest first it is 1 + 1 ulp, truncated 1. y = tanh of it."""
+    T, B, H, a_value = 1, 16, 64, 1 + 0.75 * 2.0**-10
+    before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, allow_tf32
+    try:
+        y, *_ = triton_backend.forward("rnn_tanh", torch.zeros(T, B, 1), torch.full((B, H), a_value), None,
+                                       torch.zeros(H, 1), torch.full((H, H), 2.0**-6), None, None, None, None, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    operand = 1 + 2.0**-10 if allow_tf32 else a_value
+    want = torch.full((T, B, H), math.tanh(operand), dtype=torch.float64)
+    torch.testing.assert_close(y.double(), want, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+
+
 if _REASON is None:  # kernels that apply the backends' jit helpers (jit functions resolve module globals)
     import triton
     import triton.language as tl
