@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import fusedrnn  # noqa: E402
-from bench.run import cpu_model, git  # noqa: E402
-from bench.timing import rotated, summarize  # noqa: E402
-from fusedrnn import cpp  # noqa: E402
+import fusedrnn
+from bench.run import cpu_model, git
+from bench.timing import rotated, summarize
+from fusedrnn import cpp
 
 CLASSES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"})}
 

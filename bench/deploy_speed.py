@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import fusedrnn  # noqa: E402
-from bench.run import device_name, git, package_version  # noqa: E402
-from bench.timing import Schedule, time_interleaved  # noqa: E402
+import fusedrnn
+from bench.run import device_name, git, package_version
+from bench.timing import Schedule, time_interleaved
 
 SHAPES = {  # name -> [(cell, T, B, I, H, layers)]
     "cpu": [

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
-import fusedrnn  # noqa: E402
-from fusedrnn import cuda  # noqa: E402
-from fusedrnn.triton import common as triton_common  # noqa: E402
+import fusedrnn
+from fusedrnn import cuda
+from fusedrnn.triton import common as triton_common
 
 CLASSES = {"lstm": (fusedrnn.LSTM, {}), "gru": (fusedrnn.GRU, {}), "rnn_tanh": (fusedrnn.RNN, {"nonlinearity": "tanh"}),
            "rnn_relu": (fusedrnn.RNN, {"nonlinearity": "relu"})}

@@ -23,7 +23,7 @@ import torch
 
 from .reference import workspace_shape
 
-__all__ = ["forward", "backward", "workspace_shape", "unavailable_reason"]
+__all__ = ["backward", "forward", "unavailable_reason", "workspace_shape"]
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
 JIT_NAME = "fusedrnn_cpp"
@@ -65,7 +65,7 @@ def _extension():
         aot_error = _first_line(error)
     try:
         return _build(), None
-    except Exception as error:  # any build failure becomes the backend's reason, never an import error
+    except Exception as error:  # noqa: BLE001 - any build failure becomes the backend's reason, never an import error
         return None, (
             f"the C++ extension is not built (import fusedrnn._cpp: {aot_error}) and building it failed "
             f"({type(error).__name__}: {_first_line(error)}); install a C++ compiler and ninja, then "

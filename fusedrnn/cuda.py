@@ -60,7 +60,7 @@ def _jit_build():
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """(module, None), or (None, why it cannot be loaded, with the fix). Tried once per process."""
     try:

@@ -69,7 +69,7 @@ def workspace_shape(mode, T, B, H, P):
 
 def unavailable_reason(device, dtype, mode):
     """Why this backend cannot run for (device, dtype, mode), or None. The reference runs everywhere."""
-    return None
+    return
 
 
 def _time_order(T, reverse):

@@ -20,7 +20,7 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fusedrnn  # noqa: E402
+import fusedrnn
 
 # Strict float32 (bench/gpu_check.sh sets FUSEDRNN_STRICT_FP32=1 for its GPU test stages): torch.nn's cuDNN
 # baseline computes float32 without TF32, so its own error is ~1e-6 instead of ~1e-3 and the oracle below

@@ -6,10 +6,21 @@ the oracle of conftest.py against float64 with the autocast dtype's floor. GradS
 
 import pytest
 import torch
+from conftest import (
+    CELLS,
+    FACTOR,
+    FLOOR,
+    _flatten_out,
+    cell_kwargs,
+    kink_prone,
+    make_pair,
+    off_relu_kink,
+    random_hx,
+    random_input,
+    rel_err,
+)
 from torch import nn
 
-from conftest import (CELLS, FACTOR, FLOOR, _flatten_out, cell_kwargs, kink_prone, make_pair, off_relu_kink, random_hx,
-                      random_input, rel_err)
 from fusedrnn.compile import compile_support
 
 CPU_CASES = [(cell, 0) for cell in CELLS] + [("lstm", 3)]  # (cell, proj_size)

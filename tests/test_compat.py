@@ -9,10 +9,9 @@ import io
 
 import pytest
 import torch
+from conftest import CELLS, _flatten_out, cell_kwargs, make_pair, random_hx, random_input
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
-
-from conftest import CELLS, _flatten_out, cell_kwargs, make_pair, random_hx, random_input
 
 EXACT = {"rtol": 1e-12, "atol": 1e-12}
 
@@ -113,7 +112,7 @@ def test_weight_tying():
 
     def run(pair, x):
         enc, dec = pair
-        y, state = enc(x)
+        _, state = enc(x)
         return dec(x, tuple(s[-1:] for s in state))
 
     x = random_input(5, 3, 4)

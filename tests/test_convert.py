@@ -5,10 +5,10 @@ import io
 
 import pytest
 import torch
+from conftest import check_oracle, random_input
 from torch import nn
 
 import fusedrnn
-from conftest import check_oracle, random_input
 
 
 def test_isinstance_and_parameter_layout():

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import check_oracle, make_pair, random_hx, random_input
 
 import fusedrnn
-from conftest import check_oracle, make_pair, random_hx, random_input
 from fusedrnn import backend as backends
 from fusedrnn import cpp, reference
 
@@ -53,7 +53,7 @@ def assert_same(got, want, tol):
     for i, (a, b) in enumerate(zip(got, want)):
         assert (a is None) == (b is None), f"result {i}: one backend returned None"
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"result {i}: {m}")
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, i=i: f"result {i}: {m}")
 
 
 def with_cells(cases):
@@ -96,7 +96,7 @@ def test_float32_weight_grads_in_row_blocks(T, B):
     y64, _, _, ws64 = reference.forward(*wide)
     want = reference.backward(*wide, y64, ws64, *(g.double() if g is not None else None for g in grads))
     for name, i in (("dw_ih", 3), ("dw_hh", 4), ("dw_hr", 7)):
-        torch.testing.assert_close(got[i].double(), want[i], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[i].double(), want[i], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ("lstm", "gru"))

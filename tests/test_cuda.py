@@ -10,7 +10,6 @@ oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run 
 
 import pytest
 import torch
-
 from conftest import (
     AWKWARD_SHAPES,
     CELLS,
@@ -30,6 +29,7 @@ from conftest import (
     random_stack,
     rel_err,
 )
+
 from fusedrnn import cuda as cuda_backend
 from fusedrnn import reference
 

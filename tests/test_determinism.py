@@ -7,10 +7,10 @@ raises a RuntimeError that says so, as torch's own nondeterministic ops do, or r
 
 import pytest
 import torch
+from conftest import CELLS, make_pair, random_hx, random_input, run_model
 
 import fusedrnn
 from fusedrnn import backend as backends
-from conftest import CELLS, make_pair, random_hx, random_input, run_model
 
 CPU_BACKENDS = fusedrnn.available_backends("cpu")
 

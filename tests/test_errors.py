@@ -32,7 +32,7 @@ FORWARD_CASES = [
     ("hx: 3-D with unbatched input", lambda k, m: m(torch.randn(5, 4), _hx(k, 2, 1, 6)), "2-D"),
     ("packed: wrong feature size", lambda k, m: m(pack_sequence([torch.randn(3, 5), torch.randn(2, 5)])), "input_size"),
 ]
-PACKED_HX_WRONG_BATCH = lambda k, m: m(pack_sequence([torch.randn(3, 4)]), _hx(k, 2, 2, 6))  # noqa: E731
+PACKED_HX_WRONG_BATCH = lambda k, m: m(pack_sequence([torch.randn(3, 4)]), _hx(k, 2, 2, 6))
 
 
 def _unbatch(hx):

@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import check_oracle, make_pair, random_hx, random_input
 from torch.utils import cpp_extension
 
 import fusedrnn
 from fusedrnn import backend as backends
-from conftest import check_oracle, make_pair, random_hx, random_input
 
 SIMULATED = "simulated failure for test_fallbacks"
 

@@ -9,12 +9,12 @@ falsifying example and a ``@reproduce_failure`` blob.
 
 import pytest
 import torch
+from conftest import CELLS, check_oracle, kink_prone, make_pair, random_hx, random_input, random_packed
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fusedrnn
 from fusedrnn import backend as backends
-from conftest import CELLS, check_oracle, kink_prone, make_pair, random_hx, random_input, random_packed
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
 TRITON_ON_CPU = "triton" in fusedrnn.available_backends("cpu")  # the interpreter: ~10 ms per program

@@ -4,9 +4,9 @@ float64 must match torch.nn to ~1e-12; float32 is held to the oracle in conftest
 
 import pytest
 import torch
+from conftest import AWKWARD_SHAPES, CELLS, SHAPE_ARGS, check_oracle, make_pair, random_hx, random_input, random_packed
 
 import fusedrnn
-from conftest import AWKWARD_SHAPES, CELLS, SHAPE_ARGS, check_oracle, make_pair, random_hx, random_input, random_packed
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
 DTYPES = (torch.float64, torch.float32)

@@ -7,13 +7,27 @@ where torch.nn has none" is checked element by element on outputs and every grad
 
 import pytest
 import torch
+from conftest import (
+    CELLS,
+    FLOOR,
+    RELU_H_BOUND,
+    RELU_MARGIN,
+    RELU_RHO,
+    check_oracle,
+    keep_off_relu_kink,
+    make_pair,
+    off_relu_kink,
+    random_hx,
+    random_input,
+    rel_err,
+    relu_layers,
+    run_model,
+)
 
 import fusedrnn
 from fusedrnn import backend as backends
 from fusedrnn.ops import run_layer
 from fusedrnn.reference import GATES
-from conftest import (CELLS, FLOOR, RELU_H_BOUND, RELU_MARGIN, RELU_RHO, check_oracle, keep_off_relu_kink, make_pair,
-                      off_relu_kink, random_hx, random_input, rel_err, relu_layers, run_model)
 
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
 ALL_CPU_BACKENDS = fusedrnn.available_backends("cpu")  # triton (interpreted) too: these shapes are tiny
@@ -79,16 +93,16 @@ def test_nonfinite_stays_in_its_sequence(backend, cell, value):
 
 def _layer_args(cell, T, B, I, H, dtype=torch.float64):
     G = GATES[cell]
-    return dict(
-        x=torch.randn(T, B, I, dtype=dtype),
-        h0=torch.randn(B, H, dtype=dtype),
-        c0=torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
-        w_ih=torch.randn(G * H, I, dtype=dtype),
-        w_hh=torch.randn(G * H, H, dtype=dtype) / H,
-        b_ih=torch.randn(G * H, dtype=dtype),
-        b_hh=torch.randn(G * H, dtype=dtype),
-        w_hr=None,
-    )
+    return {
+        "x": torch.randn(T, B, I, dtype=dtype),
+        "h0": torch.randn(B, H, dtype=dtype),
+        "c0": torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
+        "w_ih": torch.randn(G * H, I, dtype=dtype),
+        "w_hh": torch.randn(G * H, H, dtype=dtype) / H,
+        "b_ih": torch.randn(G * H, dtype=dtype),
+        "b_hh": torch.randn(G * H, dtype=dtype),
+        "w_hr": None,
+    }
 
 
 def _run_layer_grads(args, lengths, cell, reverse, backend, dy):

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
+from conftest import make_pair, random_hx, random_input, run_model
 
 import fusedrnn
-from conftest import make_pair, random_hx, random_input, run_model
 
 # The Triton interpreter patches triton.language globally while it runs a program: not for threads.
 CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]

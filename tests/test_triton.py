@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
+from conftest import CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
 
-from conftest import (CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed,
-                      rel_err)
 from fusedrnn import reference
 from fusedrnn import triton as triton_backend
 
@@ -111,14 +110,14 @@ def _layer_args(mode, T, B, I, H, P, reverse):
     """Random arguments of one backend call (the contract in reference.py), float64, with packed lengths."""
     G = reference.GATES[mode]
     lstm = mode == "lstm"
-    return dict(
-        mode=mode, x=torch.randn(T, B, I, dtype=torch.float64), h0=torch.randn(B, P, dtype=torch.float64),
-        c0=torch.randn(B, H, dtype=torch.float64) if lstm else None,
-        w_ih=torch.randn(G * H, I, dtype=torch.float64) / H**0.5, w_hh=torch.randn(G * H, P, dtype=torch.float64) / H**0.5,
-        b_ih=torch.randn(G * H, dtype=torch.float64), b_hh=torch.randn(G * H, dtype=torch.float64),
-        w_hr=torch.randn(P, H, dtype=torch.float64) / H**0.5 if P != H else None,
-        lengths=torch.tensor([T, 1, T - 1][:B]), reverse=reverse,
-    )
+    return {
+        "mode": mode, "x": torch.randn(T, B, I, dtype=torch.float64), "h0": torch.randn(B, P, dtype=torch.float64),
+        "c0": torch.randn(B, H, dtype=torch.float64) if lstm else None,
+        "w_ih": torch.randn(G * H, I, dtype=torch.float64) / H**0.5, "w_hh": torch.randn(G * H, P, dtype=torch.float64) / H**0.5,
+        "b_ih": torch.randn(G * H, dtype=torch.float64), "b_hh": torch.randn(G * H, dtype=torch.float64),
+        "w_hr": torch.randn(P, H, dtype=torch.float64) / H**0.5 if P != H else None,
+        "lengths": torch.tensor([T, 1, T - 1][:B]), "reverse": reverse,
+    }
 
 
 def _run_layer(backend, args, dtype):
@@ -174,8 +173,9 @@ def test_unsupported_dtype_is_a_clear_error():
 
 
 def test_reason_names_the_interpreter(monkeypatch):
-    from fusedrnn.triton import common, lstm
     from triton.runtime.interpreter import InterpretedFunction
+
+    from fusedrnn.triton import common, lstm
 
     assert common.INTERPRETED == isinstance(lstm.lstm_forward_kernel, InterpretedFunction)
     monkeypatch.setattr(common, "INTERPRETED", False)

@@ -126,12 +126,13 @@ def test_kernels_compile_for_gpu_targets():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, cwd=root)
+    run = subprocess.run([sys.executable, __file__], env=env, check=False, capture_output=True, text=True,
+                         cwd=root)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(report) == 2 * len(CASES)  # a forward and a backward kernel per case
     for entry in report:
-        mode, dtype, *_ = entry["case"]
+        _, dtype, *_ = entry["case"]
         tensor_cores = dtype != "float32" or entry["precision"] == "tf32"
         assert entry["mma"] == tensor_cores, entry
         assert entry["cubin_bytes"] > 0

@@ -8,7 +8,6 @@ Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here
 
 import pytest
 import torch
-
 from conftest import CELLS, check_oracle, kink_prone, make_pair, off_relu_kink, random_hx, random_input, random_packed
 
 pytestmark = pytest.mark.gpu

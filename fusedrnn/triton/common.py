@@ -317,8 +317,8 @@ def final_state(buf, T, dtype):
 def tuning(x, H):
     """The constexprs every kernel takes besides its flags: dot precision and tile sizes for x: (T, B, I)
     and H hidden units."""
-    return dict(PRECISION=precision(x.dtype), BLOCK_B=BLOCK_B, BLOCK_N=_block(H, MAX_BLOCK_N),
-                BLOCK_K=_block(H, MAX_BLOCK_K))
+    return {"PRECISION": precision(x.dtype), "BLOCK_B": BLOCK_B, "BLOCK_N": _block(H, MAX_BLOCK_N),
+                "BLOCK_K": _block(H, MAX_BLOCK_K)}
 
 
 def launch_options(dtype, capability):

@@ -22,8 +22,22 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, hidden_preact,
-                     load_tile, own_range, sigmoid, store_held, store_tile, tanh, time_index)
+from .common import (
+    STEP_RANGE,
+    UNITS,
+    backward_step,
+    batch_tile,
+    carry_hidden_grad,
+    forward_step,
+    hidden_preact,
+    load_tile,
+    own_range,
+    sigmoid,
+    store_held,
+    store_tile,
+    tanh,
+    time_index,
+)
 
 
 @triton.jit(do_not_specialize=STEP_RANGE)

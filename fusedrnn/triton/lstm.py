@@ -27,8 +27,24 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (OUTS, STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step,
-                     gate_preact, load_tile, own_range, sigmoid, store_held, store_tile, tanh, tile_matmul, time_index)
+from .common import (
+    OUTS,
+    STEP_RANGE,
+    UNITS,
+    backward_step,
+    batch_tile,
+    carry_hidden_grad,
+    forward_step,
+    gate_preact,
+    load_tile,
+    own_range,
+    sigmoid,
+    store_held,
+    store_tile,
+    tanh,
+    tile_matmul,
+    time_index,
+)
 
 
 @triton.jit(do_not_specialize=STEP_RANGE)

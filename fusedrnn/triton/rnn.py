@@ -20,8 +20,20 @@ import triton.language as tl
 
 from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
 from . import common
-from .common import (STEP_RANGE, UNITS, backward_step, batch_tile, carry_hidden_grad, forward_step, gate_preact,
-                     load_tile, own_range, store_held, store_tile, tanh)
+from .common import (
+    STEP_RANGE,
+    UNITS,
+    backward_step,
+    batch_tile,
+    carry_hidden_grad,
+    forward_step,
+    gate_preact,
+    load_tile,
+    own_range,
+    store_held,
+    store_tile,
+    tanh,
+)
 
 
 @triton.jit(do_not_specialize=STEP_RANGE)
