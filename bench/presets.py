@@ -3,6 +3,8 @@
 smoke  CI keep-alive: tiny shapes, a few repeats, seconds in all (numbers meaningless).
 quick  under 2 minutes on the 2-core CI CPU; the tables in the README come from it.
 full   the whole grid; tens of minutes on the CPU.
+decode generation and streaming: DECODE_CALLS calls in a row, each of T = 1 (one token, as text generation runs)
+       or a short chunk (T = 2, 8), carrying the state from call to call, under no_grad.
 
 The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers) is added to every sweep by run.py.
 """
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 from bench.timing import Schedule
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-MODES = ("inference", "train")
+# inference: one forward under no_grad; train: forward + backward; decode: DECODE_CALLS forwards of seq_len steps
+# each under no_grad, the state of one call the initial state of the next.
+MODES = ("inference", "train", "decode")
+DECODE_CALLS = 100
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class Sweep:
     seq_len: tuple[int, ...]
     layers: tuple[int, ...]
     dtypes: tuple[str, ...]
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("inference", "train")
 
 
 @dataclass(frozen=True)
@@ -79,5 +84,20 @@ PRESETS: dict[str, Preset] = {
             ),
         },
         schedule=Schedule(warmup=3, min_repeats=10, max_repeats=500, budget_s=1.0),
+    ),
+    "decode": Preset(
+        sweeps={
+            device: Sweep(
+                ("lstm", "gru", "rnn_tanh"),
+                batch=(1, 8, 32),
+                hidden=(64, 256, 512),
+                seq_len=(1, 2, 8),
+                layers=(1, 2),
+                dtypes=("float32",),
+                modes=("decode",),
+            )
+            for device in ("cpu", "cuda")
+        },
+        schedule=Schedule(warmup=2, min_repeats=5, max_repeats=50, budget_s=0.25),
     ),
 }
