@@ -182,3 +182,20 @@ def test_backend_choice_follows_the_environment_between_calls(monkeypatch):
         with torch.no_grad():
             model(x)
         assert model.last_backend == expected
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_per_call_path_has_no_host_sync_or_device_copy(cell):
+    """What modules.py and ops.py run around the kernels, seen as ATen ops: no .item() (_local_scalar_dense, a
+    host-device synchronisation on CUDA) and no copy between devices, so a step can be captured in a CUDA graph
+    (what the backend kernel itself does is the backend's: fusedrnn/cuda.py)."""
+    model, _ = make_pair(cell, 5, 8, "cpp", num_layers=2)
+    x = torch.randn(1, 3, 5)
+    with torch.no_grad(), _Ops() as mode:
+        _, hx = model(x)
+        model(x, hx)
+    names = {str(f) for f in mode.seen}
+    assert {"aten.zeros.default", "fusedrnn.layer_forward.default"} <= names  # modules.py's ops are seen too
+    assert not {n for n in names if "_local_scalar_dense" in n or "item" in n}
+    copies = [f for f in mode.seen if f in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)]
+    assert not copies
