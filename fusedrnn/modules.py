@@ -94,7 +94,7 @@ class _Fused:
 
         Read by name on every call so that functional_call, parametrizations and weight swaps are seen. torch.nn
         names each layer-direction's parameters in the order w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
-        w = [getattr(self, name) for name in self._all_weights[index]]
+        w = [_attribute(self, name) for name in self._all_weights[index]]
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
         return w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None
 
@@ -155,6 +155,14 @@ class _Fused:
             masks = [F.dropout(ones, self.dropout, training=True) for _ in range(self.num_layers - 1)]
         y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, mode, name)
         return y, (h_n, c_n) if c0 is not None else (h_n,)
+
+
+def _attribute(module, name):
+    """getattr(module, name) for a parameter name, without nn.Module.__getattr__'s Python call (~0.8 us) where the
+    parameter is registered: that is where getattr finds it (functional_call swaps it there too). A parametrized
+    name is not registered (a class property serves it) and takes getattr."""
+    found = module._parameters.get(name)
+    return found if found is not None and name not in module.__dict__ else getattr(module, name)
 
 
 def _stacked(states):
