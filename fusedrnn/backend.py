@@ -83,34 +83,15 @@ def _constant_under_compile(fn):
     return fn
 
 
-# (request, device type, dtype, mode) -> (the backend that runs it, the backend modules that answered).
-_chosen = {}
-
-
-def _consulted(choice, device_type):
-    """The loaded modules of the backends that decide ``choice`` on ``device_type`` (None where not loaded)."""
-    names = (choice,) if choice != "auto" else _AUTO_ORDER.get(device_type, ("reference",))
-    return tuple(sys.modules.get(_MODULES[name]) for name in names)
-
-
 @_constant_under_compile
 def choose(module_choice, device_type, dtype, mode):
     """``resolve(requested(module_choice), ...)``. Under torch.compile it runs once, at trace time, and its
     result is a constant of the graph (environment reads, imports and warnings stay out of the trace); the
     module's choice, device and dtype are guarded, FUSEDRNN_BACKEND is not: set it before compiling.
 
-    Resolved once per (request, device type, dtype, mode): a backend's answer is fixed once its module is loaded
-    (extensions build or fail once per process), so the choice is kept for as long as the same module objects
-    answer; a re-imported backend module (tests break and repair them that way) is asked again. A choice that
-    raises is never kept: it raises on every call."""
-    choice = requested(module_choice)
-    key = (choice, device_type, dtype, mode)
-    kept = _chosen.get(key)
-    if kept is not None and kept[1] == _consulted(choice, device_type):
-        return kept[0]
-    name = resolve(choice, device_type, dtype, mode)
-    _chosen[key] = (name, _consulted(choice, device_type))
-    return name
+    Not kept between calls: resolving costs ~1 us (with ``get`` a dict lookup), and a kept answer could outlive
+    what it was based on (a backend's cached verdict is reset, as the tests do to simulate a broken build)."""
+    return resolve(requested(module_choice), device_type, dtype, mode)
 
 
 def resolve(choice, device_type, dtype, mode):

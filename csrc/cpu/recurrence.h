@@ -153,10 +153,10 @@ inline bool has_step(const int64_t* lengths, int64_t b, int64_t t) { return !len
 // products are in gx and gates. Row b of each operand starts at its pointer + b * its row stride.
 template <class T>
 struct StepRows {
-  const T* gx;     // x_t W_ih^T + nothing: (B, G*H)
+  const T* gx;     // x_t W_ih^T without b_ih: (B, G*H)
   const T* gates;  // h_{t-1} W_hh^T: row stride gates_ld, gate k of unit j at [k * ldg + j]
   int64_t gates_ld, ldg;
-  const T *bias_x, *bias;  // (G*H)
+  const T *bias_x, *bias;  // b_ih, b_hh (zeros where absent): (G*H)
   const T* h_prev;         // (B, P)
   const T* c_prev;         // lstm: c_{t-1}, row stride c_ld; else null
   int64_t c_ld;
@@ -193,8 +193,10 @@ void forward_rows(const StepRows<T>& st, int64_t b0, int64_t b1, int64_t u0, int
 // With proj: y_t's columns [p0, p1) of held rows in [b0, b1) go back to h_{t-1}'s after W_hr.
 template <class T>
 void restore_held(const StepRows<T>& st, T* y_t, int64_t b0, int64_t b1, int64_t p0, int64_t p1) {
-  for (int64_t b = b0; b < b1; ++b)
-    if (!has_step(st.lengths, b, st.t)) std::copy(st.h_prev + b * st.P + p0, st.h_prev + b * st.P + p1, y_t + b * st.P + p0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* h_prev = st.h_prev + b * st.P;
+    if (!has_step(st.lengths, b, st.t)) std::copy(h_prev + p0, h_prev + p1, y_t + b * st.P + p0);
+  }
 }
 
 // What both forward drivers share: y, ws (or, without save, a two-step ring of it: step s's activations go to slot
