@@ -5,6 +5,8 @@ quick  under 2 minutes on the 2-core CI CPU; the tables in the README come from 
 full   the whole grid; tens of minutes on the CPU.
 gpu-lease  CUDA only: what one GPU lease can afford (bench/gpu_check.sh gives it 60 s): the LSTM at a few batch
        and hidden sizes, float32 and bfloat16, the two fused GPU backends against cuDNN (no reference).
+decode generation and streaming: DECODE_CALLS calls in a row, each of T = 1 (one token, as text generation runs)
+       or a short chunk (T = 2, 8), carrying the state from call to call, under no_grad.
 
 The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers) is added to every sweep by run.py.
 """
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 from bench.timing import Schedule
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-MODES = ("inference", "train")
+# inference: one forward under no_grad; train: forward + backward; decode: DECODE_CALLS forwards of seq_len steps
+# each under no_grad, the state of one call the initial state of the next.
+MODES = ("inference", "train", "decode")
+DECODE_CALLS = 100
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class Sweep:
     seq_len: tuple[int, ...]
     layers: tuple[int, ...]
     dtypes: tuple[str, ...]
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("inference", "train")
 
 
 @dataclass(frozen=True)
@@ -92,5 +97,20 @@ PRESETS: dict[str, Preset] = {
         },
         schedule=Schedule(warmup=2, min_repeats=5, max_repeats=50, budget_s=0.1),
         backends=("cuda", "triton"),
+    ),
+    "decode": Preset(
+        sweeps={
+            device: Sweep(
+                ("lstm", "gru", "rnn_tanh"),
+                batch=(1, 8, 32),
+                hidden=(64, 256, 512),
+                seq_len=(1, 2, 8),
+                layers=(1, 2),
+                dtypes=("float32",),
+                modes=("decode",),
+            )
+            for device in ("cpu", "cuda")
+        },
+        schedule=Schedule(warmup=2, min_repeats=5, max_repeats=50, budget_s=0.25),
     ),
 }

@@ -7,7 +7,8 @@ Every point (cell x mode x dtype x seq len x batch x hidden x layers, plus the b
 torch.nn (cuDNN on CUDA, torch's own kernels on the CPU) and every fusedrnn backend for the device,
 all with the same weights (loaded from the torch.nn module) and the same fresh random inputs and
 initial states. Modes: inference = forward under no_grad; train = forward + backward of a random
-output gradient, into the weights and the input. A backend that is unavailable or fails is kept
+output gradient, into the weights and the input; decode = 100 forwards under no_grad, each from the
+state the one before returned (text generation at T=1, streaming chunks at T > 1). A backend that is unavailable or fails is kept
 as a row ("n/a: ..." / "error: ..."). Writes a table to stdout, CSV + JSON (+ PNG chart) to
 bench/results/. main(argv) is the entry point for scripts (e.g. the GPU check).
 """
@@ -34,7 +35,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.presets import CELLS, MODES, PRESETS, Sweep  # noqa: E402
+from bench.presets import CELLS, DECODE_CALLS, MODES, PRESETS, Sweep  # noqa: E402
 from bench.timing import Schedule, peak_memory_bytes, time_interleaved  # noqa: E402
 
 BASELINE = "torch.nn"
@@ -72,7 +73,7 @@ class Point:
 
     @property
     def tokens(self) -> int:
-        return self.seq_len * self.batch
+        return self.seq_len * self.batch * (DECODE_CALLS if self.mode == "decode" else 1)
 
     def label(self) -> str:
         return (
@@ -114,9 +115,15 @@ class Config:
 # ----------------------------------------------------------------------------------------- points
 
 
+def book_point(mode: str, dtype: str) -> Point:
+    """The book's model; in decode mode as its predict_ch8 generates text: one sequence, one token per call."""
+    decode = {"seq_len": 1, "batch": 1} if mode == "decode" else {}
+    return Point(mode=mode, dtype=dtype, tag="book", **{**BOOK, **decode})
+
+
 def sweep_points(sweep: Sweep, input_size: int | None) -> list[Point]:
     """The book's model first, then the grid (I = hidden unless given); no shape twice."""
-    book = [Point(mode=m, dtype=d, tag="book", **BOOK) for d in sweep.dtypes for m in sweep.modes]
+    book = [book_point(m, d) for d in sweep.dtypes for m in sweep.modes]
     grid = [
         Point(cell, mode, dtype, t, b, input_size or h, h, layers)
         for dtype, mode, cell, layers, t, h, b in itertools.product(
@@ -154,14 +161,24 @@ class Case:
         self.module, self.inputs, self.mode = module, inputs, mode
 
     def __call__(self) -> torch.Tensor:
-        """One step; returns the output y: (T, B, H)."""
+        """One step; returns the output y: (T, B, H) (decode: the last call's)."""
         if self.mode == "inference":
             with torch.no_grad():
                 return self.module(self.inputs.x, self.inputs.hx)[0]
+        if self.mode == "decode":
+            return self.decode()
         self.drop_grads()
         out, _ = self.module(self.inputs.x, self.inputs.hx)
         out.backward(self.inputs.grad_out)
         return out.detach()
+
+    def decode(self) -> torch.Tensor:
+        """DECODE_CALLS calls on x, each starting from the state the one before returned, as generation runs."""
+        hx = self.inputs.hx
+        with torch.no_grad():
+            for _ in range(DECODE_CALLS):
+                y, hx = self.module(self.inputs.x, hx)
+        return y
 
     def drop_grads(self) -> None:
         """Free the gradients: each training step then allocates them, as with zero_grad()."""

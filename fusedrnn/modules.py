@@ -103,9 +103,11 @@ class _Fused:
     def _layer_weights(self, index):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer-direction ``index``, None where absent.
 
-        Read by name on every call so that functional_call, parametrizations and weight swaps are seen."""
-        weights = {name.rsplit("_l", 1)[0]: getattr(self, name) for name in self._all_weights[index]}
-        return tuple(weights.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+        Read by name on every call so that functional_call, parametrizations and weight swaps are seen. torch.nn
+        names each layer-direction's parameters in the order w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+        w = [_attribute(self, name) for name in self._all_weights[index]]
+        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+        return w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None
 
     def _check_states(self, x, states):
         """What torch.nn checks inside its kernels, with clearer messages (same exception type)."""
@@ -131,7 +133,7 @@ class _Fused:
             name = "reference"
         else:
             name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
-        self.last_backend = name
+        self.__dict__["last_backend"] = name  # a plain attribute: nn.Module.__setattr__'s checks cost ~3 us a call
         if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name):
             weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
             if _same_parameters(weights):
@@ -153,7 +155,7 @@ class _Fused:
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
+        hidden = (_stacked(h_n), _stacked(c_n)) if c0 is not None else (_stacked(h_n),)
         return layer_input, hidden
 
     def _run_stack(self, x, h0, c0, weights, lengths, mode, name):
@@ -166,6 +168,19 @@ class _Fused:
             masks = [F.dropout(ones, self.dropout, training=True) for _ in range(self.num_layers - 1)]
         y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, mode, name)
         return y, (h_n, c_n) if c0 is not None else (h_n,)
+
+
+def _attribute(module, name):
+    """getattr(module, name) for a parameter name, without nn.Module.__getattr__'s Python call (~0.8 us) where the
+    parameter is registered: that is where getattr finds it (functional_call swaps it there too). A parametrized
+    name is not registered (a class property serves it) and takes getattr."""
+    found = module._parameters.get(name)
+    return found if found is not None and name not in module.__dict__ else getattr(module, name)
+
+
+def _stacked(states):
+    """torch.stack(states): (N, B, S) from N states (B, S); one state, the common case, as a view (~4 us less)."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
 def _same_parameters(weights):

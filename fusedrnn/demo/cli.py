@@ -19,7 +19,7 @@ from .. import backend
 from . import data
 from .model import CELLS, CharLM, make_rnn
 from .plot import plot_perplexity, supported_formats
-from .train import predict, train
+from .train import timed_predictions, train
 
 PROG = "python -m fusedrnn.demo"
 PREFIXES = ("time traveller", "traveller")
@@ -161,8 +161,9 @@ def median_speed(history):
     return statistics.median(s.tokens_per_s for s in history)
 
 
-def print_comparison(fused_label, fused, torch_label, baseline):
-    """Side-by-side final perplexity, median tokens/s, speed ratio and early-epoch curve agreement."""
+def print_comparison(fused_label, fused, torch_label, baseline, generation):
+    """Side-by-side final perplexity, median tokens/s, speed ratio, text generation speed (fused, torch.nn) and
+    early-epoch curve agreement."""
     first = min(AGREEMENT_EPOCHS, len(fused))
     gap = max(abs(f.perplexity - b.perplexity) / b.perplexity for f, b in zip(fused[:first], baseline[:first]))
     width = max(len(fused_label), len(torch_label), 12)
@@ -170,6 +171,8 @@ def print_comparison(fused_label, fused, torch_label, baseline):
     print(f"{'final perplexity':26}{fused[-1].perplexity:>{width}.3f}  {baseline[-1].perplexity:>{width}.3f}")
     print(f"{'tokens/s (median epoch)':26}{median_speed(fused):>{width},.0f}  {median_speed(baseline):>{width},.0f}")
     print(f"{'speed ratio':26}{median_speed(fused) / median_speed(baseline):>{width}.2f}x")
+    print(f"{'generation tokens/s':26}{generation[0]:>{width},.0f}  {generation[1]:>{width},.0f}")
+    print(f"{'generation speed ratio':26}{generation[0] / generation[1]:>{width}.2f}x")
     print(f"curves agree over the first {first} epochs to a relative perplexity difference of {gap:.1e}")
 
 
@@ -210,11 +213,13 @@ def run(args):
         return label, train(model, loader, args.epochs, args.lr, device, args.random_iter, desc=label)
 
     runs = [fit(net, f"fusedrnn.{CELLS[args.cell]} [{backend}]")]
+    texts, generation = timed_predictions(net, PREFIXES, NUM_PREDS, vocab, device)
     if args.compare:
         baseline = build_model(args, len(vocab), fused=False)
         baseline.load_state_dict(initial_state)
         runs.append(fit(baseline.to(device), f"torch.nn.{CELLS[args.cell]}"))
-        print_comparison(*runs[0], *runs[1])
+        _, baseline_generation = timed_predictions(baseline, PREFIXES, NUM_PREDS, vocab, device)
+        print_comparison(*runs[0], *runs[1], (generation, baseline_generation))
     if args.save:
         save_checkpoint(net, args.save)
         print(f"saved the weights to {args.save}")
@@ -223,9 +228,10 @@ def run(args):
                         f"Time Machine character model: {describe(args)}")
         print(f"wrote {args.plot}")
     final = runs[0][1][-1]
+    print(f"text generation {generation:.1f} tokens/sec on {device} (greedy, one character per call, batch 1)")
     print(f"perplexity {final.perplexity:.1f}, {final.tokens_per_s:.1f} tokens/sec on {device}")
-    for prefix in PREFIXES:
-        print(predict(net, prefix, NUM_PREDS, vocab, device))
+    for text in texts:
+        print(text)
 
 
 def main(argv=None):

@@ -1,0 +1,201 @@
+"""Small calls on the CPU: generation one step at a time and short sequences.
+
+- The cpp backend's direct driver (a few steps: products on the weights as stored, no packed panels) against
+  torch.nn under the oracle, with every option that reaches its cell rows (biases, proj_size, reverse, lengths).
+- A decode loop carrying the state, as text generation runs it.
+- Every way of changing a parameter between two calls gives the output torch.nn gives after the same change: the
+  cpp backend keeps no weights between calls (nothing can go stale), and these tests hold any future cache to that.
+- The op layer's direct call under no_grad: the same numbers as the custom op, and still the op wherever a mode
+  intercepts ops.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedrnn
+from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
+from fusedrnn import backend as backends
+from fusedrnn import cpp
+
+pytestmark = pytest.mark.skipif(
+    cpp.unavailable_reason("cpu", torch.float32, "lstm") is not None, reason="the cpp extension is unavailable"
+)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,bias,bidirectional", [(1, 1, True, False), (2, 32, False, True), (8, 2, True, True)])
+def test_short_sequences_match_torch(dtype, cell, T, B, bias, bidirectional):
+    fused, ref = make_pair(cell, 7, 19, "cpp", num_layers=2, bias=bias, bidirectional=bidirectional)
+    hx = random_hx(cell, 4 if bidirectional else 2, B, 19)
+    check_oracle(fused, ref, random_input(T, B, 7), hx, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_short_projected_packed_lstm_matches_torch(dtype):
+    """Held rows (lengths) and W_hr in the direct driver: 2 steps, rows of length 1 and 2."""
+    fused, ref = make_pair("lstm", 5, 9, "cpp", num_layers=2, proj_size=4, bidirectional=True)
+    hx = random_hx("lstm", 4, 3, 9, proj_size=4)
+    check_oracle(fused, ref, random_packed([2, 1, 2], 5), hx, dtype=dtype)
+
+
+def _decode(model, xs, hx):
+    """One call per step of xs: (T, B, I), carrying the state; the outputs (T, B, P) and the last state."""
+    ys = []
+    with torch.no_grad():
+        for x in xs:
+            y, hx = model(x.unsqueeze(0), hx)
+            ys.append(y)
+    return torch.cat(ys), hx
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_decode_loop_matches_torch(cell):
+    fused, ref = make_pair(cell, 6, 32, "cpp", num_layers=2)
+    xs, hx = random_input(30, 4, 6), random_hx(cell, 2, 4, 32)
+    gold = _decode(ref.double(), xs, hx)
+    as_float = (lambda h: tuple(t.float() for t in h)) if cell == "lstm" else (lambda h: h.float())
+    got = _decode(fused.float(), xs.float(), as_float(hx))
+    base = _decode(ref.float(), xs.float(), as_float(hx))
+    assert fused.last_backend == "cpp"
+    flat = [torch.cat([t[0].flatten(), *(s.flatten() for s in (t[1] if cell == "lstm" else (t[1],)))])
+            for t in (got, base, gold)]
+    assert rel_err(flat[0], flat[2]) <= 2 * rel_err(flat[1], flat[2]) + 2e-6
+
+
+# ---- changing parameters between calls ------------------------------------------------------------------
+def _new_values(t):
+    return torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(7)) * 0.3
+
+
+def _in_place(m):
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(-0.5)  # bumps the version counter
+
+
+def _data_copy(m):
+    m.weight_hh_l0.data.copy_(_new_values(m.weight_hh_l0))  # .data: the version counter does NOT move
+
+
+def _data_index(m):
+    with torch.no_grad():
+        m.weight_ih_l0.data[1:3] = 0.25  # .data again, a part of the tensor
+
+
+def _swap(m):
+    m.weight_hh_l0 = nn.Parameter(_new_values(m.weight_hh_l0))
+
+
+def _load_state_dict(m):
+    m.load_state_dict({k: _new_values(v) for k, v in m.state_dict().items()})
+
+
+def _optimizer_step(m):
+    m.zero_grad()
+    x = torch.ones(3, 2, m.input_size, dtype=m.weight_ih_l0.dtype)
+    m(x)[0].sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+
+
+def _to_float32(m):
+    m.to(torch.float32)
+
+
+CHANGES = [_in_place, _data_copy, _data_index, _swap, _load_state_dict, _optimizer_step, _to_float32]
+
+
+@pytest.mark.parametrize("T", [1, 12], ids=["direct", "packed"])
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_parameter_change_is_seen(cell, change, T):
+    """A call before the change (it would fill any cache), the change on both models, a call after: the same
+    output as torch.nn's, and a different one from before."""
+    fused, ref = make_pair(cell, 5, 40, "cpp", dtype=torch.float64, num_layers=2)
+    x, hx = random_input(T, 4, 5), random_hx(cell, 2, 4, 40)  # a state: with h0 = 0, W_hh has no effect at T=1
+    with torch.no_grad():
+        before = fused(x, hx)[0]
+    change(fused)
+    change(ref)
+    dtype = fused.weight_hh_l0.dtype
+    x, hx = x.to(dtype), tuple(h.to(dtype) for h in hx) if cell == "lstm" else hx.to(dtype)
+    with torch.no_grad():
+        after, expected = fused(x, hx)[0], ref(x, hx)[0]
+    assert fused.last_backend == "cpp"
+    if change is _to_float32:  # new tensors in another dtype, the same values up to rounding
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+        assert after.dtype == torch.float32
+    else:
+        torch.testing.assert_close(after, expected)
+        assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("T", [1, 12], ids=["direct", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_tied_weights_across_two_modules(cell, T):
+    """Two modules holding one Parameter: a change through either shows in both, as with torch.nn."""
+    first, first_ref = make_pair(cell, 5, 24, "cpp", dtype=torch.float64)
+    second, second_ref = make_pair(cell, 5, 24, "cpp", dtype=torch.float64)
+    second.weight_hh_l0, second_ref.weight_hh_l0 = first.weight_hh_l0, first_ref.weight_hh_l0
+    x, hx = random_input(T, 3, 5), random_hx(cell, 1, 3, 24)
+    with torch.no_grad():
+        before = first(x, hx)[0]
+        second(x, hx)
+        for model in (second, second_ref):
+            model.weight_hh_l0.data.mul_(-2.0)  # through the other module, without a version bump
+        for fused, ref in ((first, first_ref), (second, second_ref)):
+            torch.testing.assert_close(fused(x, hx)[0], ref(x, hx)[0])
+        assert (first(x, hx)[0] - before).abs().max() > 1e-3
+
+
+# ---- the op layer's direct call ------------------------------------------------------------------------
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("T", [1, 12])
+def test_no_grad_call_equals_the_op_and_modes_still_see_the_op(T):
+    fused = fusedrnn.LSTM(5, 16, 2, backend="cpp")
+    x = random_input(T, 4, 5).float()
+    with torch.no_grad():
+        direct = fused(x)
+        with _Ops() as mode:
+            recorded = fused(x)
+    through_op = fused(x)  # grad mode on, parameters require grad: the custom op and autograd
+    assert torch.ops.fusedrnn.layer_forward.default in mode.seen
+    for a, b, c in zip((direct[0], *direct[1]), (recorded[0], *recorded[1]), (through_op[0], *through_op[1])):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+
+
+def test_backend_choice_follows_the_environment_between_calls(monkeypatch):
+    """The kept choice is per request: FUSEDRNN_BACKEND changed between calls of an "auto" module takes effect."""
+    model, x = fusedrnn.GRU(3, 8), torch.randn(2, 1, 3)
+    for request, expected in (("reference", "reference"), ("cpp", "cpp"), ("reference", "reference")):
+        monkeypatch.setenv(backends.ENV_VAR, request)
+        with torch.no_grad():
+            model(x)
+        assert model.last_backend == expected
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_per_call_path_has_no_host_sync_or_device_copy(cell):
+    """What modules.py and ops.py run around the kernels, seen as ATen ops: no .item() (_local_scalar_dense, a
+    host-device synchronisation on CUDA) and no copy between devices, so a step can be captured in a CUDA graph
+    (what the backend kernel itself does is the backend's: fusedrnn/cuda.py)."""
+    model, _ = make_pair(cell, 5, 8, "cpp", num_layers=2)
+    x = torch.randn(1, 3, 5)
+    with torch.no_grad(), _Ops() as mode:
+        _, hx = model(x)
+        model(x, hx)
+    names = {str(f) for f in mode.seen}
+    assert {"aten.zeros.default", "fusedrnn.layer_forward.default"} <= names  # modules.py's ops are seen too
+    assert not {n for n in names if "_local_scalar_dense" in n or "item" in n}
+    copies = [f for f in mode.seen if f in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)]
+    assert not copies
