@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/run.py` from a checkout finds bench/ and fusedrnn/
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from bench.presets import CELLS, DECODE_CALLS, MODES, PRESETS, Sweep  # noqa: E402
-from bench.timing import Schedule, peak_memory_bytes, time_interleaved  # noqa: E402
+from bench.presets import CELLS, DECODE_CALLS, MODES, PRESETS, Sweep
+from bench.timing import Schedule, peak_memory_bytes, time_interleaved
 
 BASELINE = "torch.nn"
 FUSED_BACKENDS = {"cpu": ("reference", "cpp"), "cuda": ("reference", "triton", "cuda")}
@@ -242,7 +242,7 @@ def unavailable_reason(backend: str, point: Point, device: torch.device) -> str 
         return None
     try:
         from fusedrnn.backend import resolve
-    except Exception as error:  # then every fused row says why
+    except Exception as error:  # noqa: BLE001 - then every fused row says why
         return f"fusedrnn does not import: {short(error)}"
     try:
         resolve(backend, device.type, DTYPES[point.dtype], point.cell)
@@ -271,7 +271,7 @@ def prepare_cases(point: Point, config: Config):
             outputs[backend] = case()  # the probe: fails fast, and compiles or allocates before the warm-up
             ran[backend] = ran_backend(module, backend)
             cases[backend] = case
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - a backend that fails is a row saying how, not a crash
             failures[backend] = f"error: {short(error)}"
     return cases, ran, outputs, failures
 
@@ -287,7 +287,7 @@ def measure_point(point: Point, config: Config) -> list[Row]:
     cases, ran, outputs, failures = prepare_cases(point, config)
     try:
         stats = time_interleaved(cases, config.device, config.schedule)
-    except Exception as error:  # a backend that passed the probe failed later: no timings here
+    except Exception as error:  # noqa: BLE001 - a backend that passed the probe failed later: no timings here
         failures.update({backend: f"error: {short(error)}" for backend in cases})
         cases, stats = {}, {}
     base = stats.get(BASELINE)
@@ -400,7 +400,7 @@ def package_version(name: str) -> str | None:
 
 def git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=ROOT, check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -511,8 +511,8 @@ def speedup_table(rows: list[Row]) -> list[str]:
 def markdown_report(rows: list[Row], meta: dict) -> str:
     """The README's results block: machine, date, command, the book's model, speed-up grid."""
     return "\n".join([
-        f"{meta['device']}; torch {meta['torch']}, Python {meta['python']}, commit {meta['git_commit'][:12]}, "
-        f"{meta['date']} (1-min load average before the run: {meta['load_average_1min']:.2f}).",
+        (f"{meta['device']}; torch {meta['torch']}, Python {meta['python']}, commit {meta['git_commit'][:12]}, "
+         f"{meta['date']} (1-min load average before the run: {meta['load_average_1min']:.2f})."),
         "", f"Reproduce: `{meta['command']}`", "",
         "The book's model (LSTM, T=35, B=32, I=28, H=256, 2 layers):", "", *book_table(rows), "",
         "Speed-up over torch.nn (torch.nn median time / backend median time; > 1 is faster):", "",

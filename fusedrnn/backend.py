@@ -94,6 +94,17 @@ def choose(module_choice, device_type, dtype, mode):
     return resolve(requested(module_choice), device_type, dtype, mode)
 
 
+def planned_on_gpu(module_choice, mode, x, dtype, hidden_size, proj_size, layers):
+    """The backend for a call that ``auto`` gave to "cuda": the planner's pick between the two GPU backends for
+    this shape (fusedrnn/planner.py) where Triton can run it too, else "cuda". A backend asked for by name (the
+    module's argument or FUSEDRNN_BACKEND) is kept. x: (T, B, I) on a CUDA device; proj_size: 0 for none;
+    layers: of a unidirectional stack, 1 for layer-by-layer calls. Eager only: under torch.compile the choice stays
+    the traced constant."""
+    if requested(module_choice) != "auto" or _reason("triton", x.device.type, dtype, mode) is not None:
+        return "cuda"
+    return get("cuda").planned_backend(mode, x, dtype, hidden_size, proj_size or hidden_size, layers)
+
+
 def resolve(choice, device_type, dtype, mode):
     """The backend name that runs (device_type, dtype, mode) for a request ``choice``."""
     if choice != "auto":

@@ -126,6 +126,22 @@ def _plan(mode, x, w_ih, w_hh, w_hr, layers, backward):
     return dataclasses.replace(chosen, by_layers=chosen.by_layers or too_deep)
 
 
+def planned_backend(mode, x, dtype, H, P, layers):
+    """"cuda" or "triton": the planner's choice between the GPU backends for a forward of x: (T, B, I) through
+    `layers` layers of H units and P outputs (H without proj_size) in `dtype`. Shapes and cached device properties
+    only: no sync. Cached like _planned."""
+    T, B, I = x.shape
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return _planned_backend(mode, dtype, x.device, T, B, I, H, P, min(layers, _ext().max_layers), tf32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned_backend(mode, dtype, device, T, B, I, H, P, layers, tf32):
+    shape = planner.Shape.of(mode, T, B, I, H, P, layers, dtype, tf32)
+    fits = functools.partial(_fits_on_chip, mode, dtype, device, H, P, proj=P != H, backward=False)
+    return planner.plan(shape, planner.Device.of(device), fits=fits).backend
+
+
 @functools.lru_cache(maxsize=4096)
 def _planned(mode, dtype, device, T, B, I, H, P, layers, proj, backward, tf32):
     """planner.plan among the CUDA schemes, with the launcher's exact answer to whether persistent fits. Cached:

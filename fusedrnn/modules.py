@@ -133,6 +133,11 @@ class _Fused:
             name = "reference"
         else:
             name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
+        if name == "cuda" and not torch.compiler.is_compiling():  # auto between the GPU backends: by shape
+            layers = 1 if self.bidirectional else self.num_layers
+            name = backends.planned_on_gpu(
+                self.backend, mode, x, compute_dtype(x), self.hidden_size, self.proj_size, layers
+            )
         self.__dict__["last_backend"] = name  # a plain attribute: nn.Module.__setattr__'s checks cost ~3 us a call
         if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name):
             weights = [self._layer_weights(layer) for layer in range(self.num_layers)]

@@ -286,3 +286,14 @@ def test_cuda_path_does_not_sync(monkeypatch, T, scheme):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert model.last_backend == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 32])
+def test_auto_runs_the_planners_gpu_backend(monkeypatch, B):
+    """auto on CUDA runs the backend planner.plan picks between CUDA and Triton for the call's shape."""
+    monkeypatch.delenv("FUSEDRNN_BACKEND", raising=False)
+    fused, _ = make_pair("lstm", 28, 256, "auto", device="cuda", num_layers=2)
+    x = torch.randn(35, B, 28, device="cuda")
+    fused(x)
+    assert fused.last_backend == cuda_backend.planned_backend("lstm", x, torch.float32, 256, 256, 2)

@@ -11,11 +11,11 @@
 
 import pytest
 import torch
+from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
-from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
 from fusedrnn import backend as backends
 from fusedrnn import cpp
 

@@ -145,3 +145,43 @@ def test_triton_variant_is_forced_or_planned(monkeypatch):
     monkeypatch.setattr(common, "VARIANT", "sideways")
     with pytest.raises(ValueError, match="FUSEDRNN_TRITON_VARIANT"):
         common.split(x, 1024, 1024, "lstm")
+
+
+class _Ext:
+    max_layers = 8
+
+
+@pytest.fixture
+def planned_on_h100(monkeypatch):
+    """cuda.planned_backend on a synthetic H100 where every stack fits on chip (no extension, no GPU)."""
+    monkeypatch.setattr(cuda, "_ext", lambda: _Ext)
+    monkeypatch.setattr(cuda, "_fits_on_chip", lambda *args, **kwargs: True)
+    monkeypatch.setattr(planner.Device, "of", staticmethod(lambda device: H100))
+    cuda._planned_backend.cache_clear()
+    yield lambda x, H=256, P=256, layers=2: cuda.planned_backend("lstm", x, torch.float32, H, P, layers)
+    cuda._planned_backend.cache_clear()
+
+
+def test_auto_between_gpu_backends_follows_the_planner(planned_on_h100, monkeypatch):
+    """What `auto` runs on CUDA (modules -> backend.planned_on_gpu -> cuda.planned_backend) is planner.plan's
+    backend for the call's shape: CUDA with today's constants, Triton where the constants make it cheaper."""
+    x = torch.empty(35, 32, 28)
+    assert planned_on_h100(x) == plan(_shape(L=2), H100).backend == "cuda"
+    cheap = {**CONSTANTS, "triton_step_us": 0.0, "grid_barrier_us": 50.0, "launch_us": 50.0, "gemm_call_us": 50.0}
+    monkeypatch.setattr(planner, "CONSTANTS", cheap)
+    cuda._planned_backend.cache_clear()
+    assert planned_on_h100(x) == plan(_shape(L=2), H100).backend == "triton"
+
+
+def test_a_backend_asked_for_by_name_is_not_replanned(monkeypatch):
+    """backend="cuda" (or FUSEDRNN_BACKEND=cuda) runs CUDA whatever the planner prefers; only auto is planned."""
+    from fusedrnn import backend as backends
+
+    def refuse(*args):
+        raise AssertionError("the planner was asked about a backend chosen by name")
+
+    monkeypatch.setattr(cuda, "planned_backend", refuse)
+    x = torch.empty(35, 32, 28)
+    assert backends.planned_on_gpu("cuda", "lstm", x, torch.float32, 256, 0, 2) == "cuda"
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    assert backends.planned_on_gpu("auto", "lstm", x, torch.float32, 256, 0, 2) == "cuda"
