@@ -173,8 +173,18 @@ def _not_run(stage: Stage, results: dict[str, Result]) -> str | None:
     return f"blocked: needs {', '.join(bad)}" if bad else None
 
 
+def let_children_take_sigint():
+    """A runner started in the background by a non-interactive shell (`cmd &`, nohup, some remote runners) has
+    SIGINT ignored, and an ignored signal stays ignored across exec: every stage would inherit it, pytest would
+    never see its SIGINT and would be killed GRACE_S later without writing its junit. A Python handler here is
+    reset to the default in each child at exec, so the stages take SIGINT whatever started this process."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_plan(stages: list[Stage], prefix: Path, on_result=None, poll_s: float = 0.2) -> list[Result]:
     """Run the stages in order (a group's stages together); on_result(results) after each one finishes."""
+    let_children_take_sigint()
     results: dict[str, Result] = {}
     cache = Path(tempfile.mkdtemp(prefix="gpu_check_triton_"))
 

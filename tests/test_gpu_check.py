@@ -4,6 +4,7 @@ groups run side by side, the summary is written after every stage (so a runner k
 the real plan fits the lease and runs every gpu-marked test exactly once."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,16 @@ def test_hangs():
 
 def _stage(name, code, limit_s=30, **kwargs):
     return gpu_check.Stage(name, limit_s, [PY, "-c", code], "a stand-in", **kwargs)
+
+
+
+@pytest.fixture(autouse=True)
+def sigint_ignored_like_a_background_job():
+    """Run every test here as a runner started with `cmd &` from a script is: SIGINT ignored (inherited by its
+    children across exec unless run_plan undoes it). CI caught this: the junit of a stage cut at its limit was lost."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def test_stages_leave_readable_results(tmp_path):
