@@ -53,7 +53,10 @@ def test_stages_leave_readable_results(tmp_path):
         _stage("fails", "import sys; print('bad input'); sys.exit(3)"),
         _stage("blocked", "print('never')", needs=("fails",)),
         _stage("skipped", "print('never')", skip="nothing to do here"),
-        gpu_check.Stage("pytest_cut", 15, [PY, *gpu_check.PYTEST, str(tests)], "a stand-in", junit=True),
+        # --rootdir: the junit names are relative to pytest's rootdir, which pytest otherwise derives from the
+        # test file and this checkout's place (a clone under /tmp shares /tmp with tmp_path; /work/... does not).
+        gpu_check.Stage("pytest_cut", 15, [PY, *gpu_check.PYTEST, f"--rootdir={tmp_path}", str(tests)], "a stand-in",
+                        junit=True),
         _stage("stubborn", stubborn, limit_s=2),
         _stage("left", together, group="g"),
         _stage("right", together, group="g"),
