@@ -1,0 +1,71 @@
+"""The cell table: every fact about a recurrent cell that code outside its kernels needs, in one place.
+
+A cell is named by the lowercased ``mode`` of its torch.nn module: ``"lstm"``, ``"gru"``, ``"rnn_tanh"``,
+``"rnn_relu"``. That name is the ``cell`` argument of every backend, op, test, benchmark and the demo.
+
+  gates        G: W_ih and W_hh have G*H rows, gate blocks in torch.nn's order (lstm i, f, g, o; gru r, z, n)
+  saved_rows   what forward saves for backward, in units of H per (step, batch row): the ``saved`` tensor is
+               (T, B, saved_rows * H) (lstm: activated i, f, g, o and c_t; gru: r, z, n and Bh_n; rnn: none,
+               tanh' and relu' follow from y). Every backend keeps this layout (csrc pins it, tests check it).
+  has_c        the cell carries a cell state c beside h (LSTM's (h, c) tuple)
+  nn_class     the torch.nn module class; ``nn_kwargs`` what its constructor needs to be this cell
+
+Adding a cell: an entry here, its math in ``fusedrnn/reference.py``, its kernels (csrc/cpu, csrc/cuda,
+fusedrnn/triton); nothing else restates these facts.
+
+``LayerWeights`` bundles one layer-direction's parameters, in torch.nn's order:
+
+  w_ih: (G*H, I)   w_hh: (G*H, P)   b_ih, b_hh: (G*H,) or None   w_hr: (P, H) for an LSTM with proj_size P, else None
+
+(P = proj_size or H.) Gradients come back in the same bundle, None where the parameter is None.
+"""
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+
+class Cell(NamedTuple):
+    name: str
+    gates: int
+    saved_rows: int
+    has_c: bool
+    nn_class: type
+    nn_kwargs: dict
+
+
+CELLS = {
+    "lstm": Cell("lstm", 4, 5, True, nn.LSTM, {}),
+    "gru": Cell("gru", 3, 4, False, nn.GRU, {}),
+    "rnn_tanh": Cell("rnn_tanh", 1, 0, False, nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": Cell("rnn_relu", 1, 0, False, nn.RNN, {"nonlinearity": "relu"}),
+}
+CELL_NAMES = tuple(CELLS)
+
+
+def gates(cell):
+    """G of ``cell`` (a name from CELL_NAMES)."""
+    return CELLS[cell].gates
+
+
+def cell_of(module):
+    """The cell name of a torch.nn.LSTM / GRU / RNN (or fused) module: its ``mode``, lowercased."""
+    return module.mode.lower()
+
+
+def saved_shape(cell, T, B, H):
+    """Shape of the activations forward saves for backward (see ``saved_rows``); its dtype is x's."""
+    return (T, B, CELLS[cell].saved_rows * H)
+
+
+class LayerWeights(NamedTuple):
+    """One layer-direction's parameters (shapes in the module docstring); None where absent."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None = None
+    b_hh: Tensor | None = None
+    w_hr: Tensor | None = None
+
+    def hidden_size(self, cell):
+        return self.w_hh.shape[0] // CELLS[cell].gates
