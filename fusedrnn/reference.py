@@ -16,72 +16,60 @@ state is HELD (h' = h, c' = c), so in the reverse direction the held value is h0
 starts. y[t] is the state after step t, held value included; callers must ignore y at padded steps and
 backward ignores dy there. Holding (a select, never a multiply) keeps NaN/Inf of padding out.
 
-Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module exposes these three):
+Backend contract (``fusedrnn/ops.py`` is the only caller; every backend module exposes these):
 
-  forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True) -> (y, h_n, c_n, ws)
-  backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True)
-      -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); dx is None without need_dx (x needs no gradient)
-  workspace_shape(mode, T, B, H, P) -> shape of ws (its dtype is x's)
+  forward(cell, x, h0, c0, weights, lengths, reverse, save=True) -> (y, h_n, c_n, saved)
+  backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True)
+      -> (dx, dh0, dc0, dweights); dx is None without need_dx (x needs no gradient)
+  unavailable_reason(device, dtype, cell) -> why the backend cannot run there, or None
 
-  mode: "lstm" | "gru" | "rnn_tanh" | "rnn_relu";  G gates: 4 | 3 | 1;  P = proj_size or H
+  cell: a name from fusedrnn/cells.py ("lstm" | "gru" | "rnn_tanh" | "rnn_relu");  G = its gates;  P = proj_size or H
   x: (T, B, I) contiguous, time-major     h0: (B, P)     c0: (B, H) for lstm, else None
-  w_ih: (G*H, I)   w_hh: (G*H, P)   b_ih, b_hh: (G*H,) or None   w_hr: (P, H) for lstm with proj, else None
+  weights: cells.LayerWeights (w_ih: (G*H, I), w_hh: (G*H, P), b_ih, b_hh: (G*H,) or None, w_hr: (P, H) or None)
   lengths: (B,) int64 on x's device, or None (every sequence has T steps)
   reverse: run t = T-1 .. 0
   y: (T, B, P)   h_n: (B, P)   c_n: (B, H) or None
-  ws: backend-private activations saved for ITS backward; opaque to everyone else. save=False says no
-      backward follows (inference): ws is then an empty (0,) tensor and need not be computed.
-  dy: (T, B, P)  dh_n: (B, P)  dc_n: (B, H) or None; every gradient has its tensor's shape, None where
-  the tensor is None.
+  saved: the activations forward keeps for backward, (T, B, saved_rows * H) in x's dtype, the same layout in every
+      backend (cells.saved_shape; this module's docstring end says what the rows hold). save=False says no
+      backward follows (inference): saved is then an empty (0,) tensor and need not be computed.
+  dy: (T, B, P)  dh_n: (B, P)  dc_n: (B, H) or None; every gradient has its tensor's shape, None where the
+  tensor is None; dweights: a LayerWeights of the weights' gradients.
 Outputs are fresh tensors: none aliases an input or another output (torch.library's rule).
 
 A backend that can run several layers at once (the CUDA backend's wavefront) also exposes the stack contract,
 L unidirectional layers with dropout between them in one call; ops.py uses it for such stacks where the
 backend has it, one forward call per layer otherwise:
 
-  stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True) -> (ys, h_n, c_n, ws)
-  stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
-                 need_dx=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+  stack_forward(cell, x, h0, c0, weights, masks, lengths, save=True) -> (ys, h_n, c_n, saved)
+  stack_backward(cell, x, h0, c0, weights, masks, lengths, ys, saved, dys, dh_n, dc_n, need_dx=True)
+      -> (dx, dh0, dc0, dweights)
 
   x: (T, B, I)   h0: (L, B, P)   c0: (L, B, H) or None
-  w_ih, w_hh: lists of L (layer l's as above; layer l > 0 has input size P);  b_ih, b_hh, w_hr: lists of L,
-      or empty lists where absent
+  weights: list of L LayerWeights (layer l > 0 has input size P), every layer with the same parameters present
   masks: list of L - 1 (T, B, P) tensors, or empty: layer l + 1 reads layer l's output times masks[l]
       (dropout's mask, 1/(1-p) scale included)
   ys: (L, T, B, P) every layer's output (ys[L-1] is the stack's)   h_n: (L, B, P)   c_n: (L, B, H) or None
-  ws: (L, *workspace_shape) or (0,) without save   dys, dh_n, dc_n: like ys, h_n, c_n
-  the gradients of lists are lists (empty where the list is); dx is None without need_dx
+  saved: (L, *cells.saved_shape) or (0,) without save   dys, dh_n, dc_n: like ys, h_n, c_n
+  dweights: list of L LayerWeights; dx is None without need_dx
 
-This backend's ws: lstm (T, B, 5H) = activated i, f, g, o and c_t (held); gru (T, B, 4H) = r, z, n and
-Bh_n; rnn (T, B, 0) (tanh' and relu' follow from y). Backward is hand-written BPTT: one GEMM per step
-for dh_{t-1}, then the weight and input gradients as GEMMs over the whole sequence.
+saved, by cell: lstm = activated i, f, g, o and c_t (held); gru = r, z, n and Bh_n; rnn = nothing (tanh' and
+relu' follow from y). Backward is hand-written BPTT: one GEMM per step for dh_{t-1}, then the epilogue
+(fusedrnn/epilogue.py): the weight and input gradients as GEMMs over the whole sequence.
 """
 
 import torch
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-_WS_GATES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+from .cells import saved_shape
+from .epilogue import input_projection, layer_input, previous, weight_grads
 
 
-def workspace_shape(mode, T, B, H, P):
-    return (T, B, _WS_GATES[mode] * H)
-
-
-def unavailable_reason(device, dtype, mode):
-    """Why this backend cannot run for (device, dtype, mode), or None. The reference runs everywhere."""
+def unavailable_reason(device, dtype, cell):
+    """Why this backend cannot run for (device, dtype, cell), or None. The reference runs everywhere."""
     return
 
 
 def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
-
-
-def _input_projection(x, w_ih, b_ih):
-    """x: (T, B, I) -> (T, B, G*H): x W_ih^T + b_ih for every step in one GEMM."""
-    T, B, I = x.shape
-    flat = x.reshape(T * B, I)
-    out = torch.addmm(b_ih, flat, w_ih.t()) if b_ih is not None else flat @ w_ih.t()
-    return out.view(T, B, w_ih.shape[0])
 
 
 def _hidden_projection(h, w_hh, b_hh):
@@ -108,9 +96,9 @@ def _gru_step(gx, gh, h):
     return h_new, torch.cat((r, z, n, bn), dim=1)
 
 
-def _rnn_step(mode, gx, gh):
+def _rnn_step(cell, gx, gh):
     pre = gx + gh
-    return pre.tanh() if mode == "rnn_tanh" else pre.relu()
+    return pre.tanh() if cell == "rnn_tanh" else pre.relu()
 
 
 def _valid(t, lengths):
@@ -122,39 +110,30 @@ def _hold(valid, new, old):
     return new if valid is None else torch.where(valid, new, old)
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
+def forward(cell, x, h0, c0, weights, lengths, reverse, save=True):
     T, B, _ = x.shape
-    H = w_hh.shape[0] // GATES[mode]
-    gx = _input_projection(x, w_ih, b_ih)
+    H = weights.hidden_size(cell)
+    gx = input_projection(x, weights.w_ih, weights.b_ih)
     y = x.new_empty(T, B, h0.shape[1])
-    ws = x.new_empty(workspace_shape(mode, T, B, H, h0.shape[1]) if save else (0,))
+    saved = x.new_empty(saved_shape(cell, T, B, H) if save else (0,))
     h, c = h0, c0
     for t in _time_order(T, reverse):
-        gh = _hidden_projection(h, w_hh, b_hh)
+        gh = _hidden_projection(h, weights.w_hh, weights.b_hh)
         valid = _valid(t, lengths)
-        if mode == "lstm":
-            h_new, c_new, act = _lstm_step(gx[t], gh, c, w_hr)
+        if cell == "lstm":
+            h_new, c_new, act = _lstm_step(gx[t], gh, c, weights.w_hr)
             c = _hold(valid, c_new, c)
             act[:, 4 * H :] = c
-        elif mode == "gru":
+        elif cell == "gru":
             h_new, act = _gru_step(gx[t], gh, h)
         else:
-            h_new = _rnn_step(mode, gx[t], gh)
-        if save and mode in ("lstm", "gru"):
-            ws[t] = act
+            h_new = _rnn_step(cell, gx[t], gh)
+        if save and cell in ("lstm", "gru"):
+            saved[t] = act
         h = _hold(valid, h_new, h)
         y[t] = h
-    c_n = c.clone() if mode == "lstm" else None
-    return y, h.clone(), c_n, ws
-
-
-def _previous(seq, first, reverse):
-    """The state each step starts from: seq shifted one step against the direction, `first` at the start.
-
-    seq: (T, B, K) states after each step; first: (B, K) -> (T, B, K)."""
-    if reverse:
-        return torch.cat((seq[1:], first.unsqueeze(0)), dim=0)
-    return torch.cat((first.unsqueeze(0), seq[:-1]), dim=0)
+    c_n = c.clone() if cell == "lstm" else None
+    return y, h.clone(), c_n, saved
 
 
 def _lstm_gate_grads(dh, dc, act, c_prev, H, w_hr):
@@ -182,39 +161,39 @@ def _gru_gate_grads(dh, act, h_prev, H):
     return torch.cat((dr, dz, dn), dim=1), torch.cat((dr, dz, dn * r), dim=1), dh * z
 
 
-def _rnn_gate_grads(mode, dh, h):
-    if mode == "rnn_tanh":
+def _rnn_gate_grads(cell, dh, h):
+    if cell == "rnn_tanh":
         return dh * (1 - h * h)
     return torch.where(h <= 0, 0, dh)  # torch's relu backward: a NaN output (fp16 overflow) passes dh on
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
     T, B, _ = x.shape
-    H = w_hh.shape[0] // GATES[mode]
-    h_prev = _previous(y, h0, reverse)
-    c_prev = _previous(ws[:, :, 4 * H :], c0, reverse) if mode == "lstm" else None
+    H, w_hh, w_hr = weights.hidden_size(cell), weights.w_hh, weights.w_hr
+    h_prev = previous(y, h0, reverse)
+    c_prev = previous(saved[:, :, 4 * H :], c0, reverse) if cell == "lstm" else None
     dgx = x.new_empty(T, B, w_hh.shape[0])  # grads of the input-side pre-activations
-    dgh = x.new_empty(T, B, w_hh.shape[0]) if mode == "gru" else dgx  # hidden side (GRU's n row differs)
+    dgh = x.new_empty(T, B, w_hh.shape[0]) if cell == "gru" else dgx  # hidden side (GRU's n row differs)
     dhy = x.new_empty(T, B, h0.shape[1]) if w_hr is not None else None  # dL/dh_t, for dW_hr
     dh = dh_n
-    dc = dc_n if mode == "lstm" else None
+    dc = dc_n if cell == "lstm" else None
     for t in reversed(_time_order(T, reverse)):
         valid = _valid(t, lengths)
         dh_t = dh + (dy[t] if valid is None else torch.where(valid, dy[t], 0))
-        if mode == "lstm":
-            gx_grad, dc_prev = _lstm_gate_grads(dh_t, dc, ws[t], c_prev[t], H, w_hr)
+        if cell == "lstm":
+            gx_grad, dc_prev = _lstm_gate_grads(dh_t, dc, saved[t], c_prev[t], H, w_hr)
             gh_grad, direct = gx_grad, None
             dc = _hold(valid, dc_prev, dc)
-        elif mode == "gru":
-            gx_grad, gh_grad, direct = _gru_gate_grads(dh_t, ws[t], h_prev[t], H)
+        elif cell == "gru":
+            gx_grad, gh_grad, direct = _gru_gate_grads(dh_t, saved[t], h_prev[t], H)
         else:
-            gx_grad = gh_grad = _rnn_gate_grads(mode, dh_t, y[t])
+            gx_grad = gh_grad = _rnn_gate_grads(cell, dh_t, y[t])
             direct = None
         if valid is not None:
             gx_grad = torch.where(valid, gx_grad, 0)
             gh_grad = torch.where(valid, gh_grad, 0)
         dgx[t] = gx_grad
-        if mode == "gru":
+        if cell == "gru":
             dgh[t] = gh_grad
         if dhy is not None:
             dhy[t] = torch.where(valid, dh_t, 0) if valid is not None else dh_t
@@ -222,79 +201,29 @@ def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y,
         if direct is not None:
             dh_prev = dh_prev + direct
         dh = _hold(valid, dh_prev, dh_t)
-    return _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, b_hh, w_hr, dgx, dgh, dhy, dh, dc, H, need_dx)
-
-
-def _flat(t):
-    return t.reshape(-1, t.shape[-1])
-
-
-_BLOCK_ROWS = 2048  # rows per float32 GEMM: one block for the book model (T*B = 1,120); csrc/cpu keeps the same
-
-
-def _sum_of_outer(a, b):
-    """sum over every (t, b) row of a^T b: a (T, B, M), b (T, B, N) -> (M, N), in a's dtype.
-
-    One GEMM over all T*B rows accumulates rounding error ~ sqrt(T*B) eps (3e-6 relative in float32 at
-    T*B = 40,000, 8x torch.nn's); GEMMs over blocks of rows summed in float64 keep it at one block's."""
-    a, b = _flat(a), _flat(b)
-    if a.shape[0] <= _BLOCK_ROWS:
-        return a.t() @ b
-    total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
-    for start in range(0, a.shape[0], _BLOCK_ROWS):
-        total += a[start : start + _BLOCK_ROWS].t() @ b[start : start + _BLOCK_ROWS]
-    return total.to(a.dtype)
-
-
-def _weight_grads(mode, x, h_prev, ws, w_ih, b_ih, b_hh, w_hr, dgx, dgh, dhy, dh0, dc0, H, need_dx=True):
-    """Everything that is not sequential, as GEMMs over all T*B rows (weight gradients in row blocks)."""
-    dx = (_flat(dgx) @ w_ih).view_as(x) if need_dx else None
-    dw_ih = _sum_of_outer(dgx, x)
-    dw_hh = _sum_of_outer(dgh, h_prev)
-    db_ih = _flat(dgx).sum(0) if b_ih is not None else None
-    db_hh = _flat(dgh).sum(0) if b_hh is not None else None
-    dw_hr = None
-    if w_hr is not None:
-        o, c = ws[:, :, 3 * H : 4 * H], ws[:, :, 4 * H :]
-        dw_hr = _sum_of_outer(dhy, o * c.tanh())
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+    dx, dweights = weight_grads(cell, x, h_prev, saved, weights, dgx, dgh, dhy, need_dx)
+    return dx, dh, dc, dweights
 
 
 # ---- stacks -----------------------------------------------------------------------------------------------
-def _nth(items, index):
-    return items[index] if items else None
-
-
-def _listed(grads, like):
-    """Per-layer gradients as a list, or an empty list where the parameter list is empty (absent)."""
-    return list(grads) if like else []
-
-
-def _layer_input(x, ys, masks, layer):
-    """What layer ``layer`` of a stack reads: x, or the layer below's output times its dropout mask."""
-    if layer == 0:
-        return x
-    return ys[layer - 1] * masks[layer - 1] if masks else ys[layer - 1]
-
-
-def stack_forward_by_layers(layer_forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
+def stack_forward_by_layers(layer_forward, cell, x, h0, c0, weights, masks, lengths, save=True):
     """The stack contract run as one ``layer_forward`` call (a backend's forward) per layer."""
-    ys, h_n, c_n, ws = [], [], [], []
-    for layer in range(len(w_ih)):
-        y, h, c, w = layer_forward(
-            mode, _layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], w_ih[layer],
-            w_hh[layer], _nth(b_ih, layer), _nth(b_hh, layer), _nth(w_hr, layer), lengths, False, save,
+    ys, h_n, c_n, saved = [], [], [], []
+    for layer, layer_weights in enumerate(weights):
+        y, h, c, s = layer_forward(
+            cell, layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], layer_weights,
+            lengths, False, save,
         )
-        ys.append(y), h_n.append(h), c_n.append(c), ws.append(w)
-    stacked_ws = torch.stack(ws) if save else x.new_empty(0)
-    return torch.stack(ys), torch.stack(h_n), None if c0 is None else torch.stack(c_n), stacked_ws
+        ys.append(y), h_n.append(h), c_n.append(c), saved.append(s)
+    stacked_saved = torch.stack(saved) if save else x.new_empty(0)
+    return torch.stack(ys), torch.stack(h_n), None if c0 is None else torch.stack(c_n), stacked_saved
 
 
-def stack_backward_by_layers(layer_backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws,
-                             dys, dh_n, dc_n, need_dx=True):
+def stack_backward_by_layers(layer_backward, cell, x, h0, c0, weights, masks, lengths, ys, saved, dys, dh_n, dc_n,
+                             need_dx=True):
     """The stack's BPTT as one ``layer_backward`` call per layer, top down: layer l's output gradient is dys[l]
     plus the layer above's input gradient times the mask between them."""
-    L = len(w_ih)
+    L = len(weights)
     per_layer = [None] * L
     for layer in reversed(range(L)):
         dy = dys[layer]
@@ -302,22 +231,18 @@ def stack_backward_by_layers(layer_backward, mode, x, h0, c0, w_ih, w_hh, b_ih, 
             above = per_layer[layer + 1][0]
             dy = dy + (above * masks[layer] if masks else above)
         per_layer[layer] = layer_backward(
-            mode, _layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], w_ih[layer],
-            w_hh[layer], _nth(b_ih, layer), _nth(b_hh, layer), _nth(w_hr, layer), lengths, False, ys[layer],
-            ws[layer], dy, dh_n[layer], None if dc_n is None else dc_n[layer], need_dx or layer > 0,
+            cell, layer_input(x, ys, masks, layer), h0[layer], None if c0 is None else c0[layer], weights[layer],
+            lengths, False, ys[layer], saved[layer], dy, dh_n[layer], None if dc_n is None else dc_n[layer],
+            need_dx or layer > 0,
         )
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = zip(*per_layer)
-    return (
-        dx[0] if need_dx else None, torch.stack(dh0), None if c0 is None else torch.stack(dc0), list(dw_ih),
-        list(dw_hh), _listed(db_ih, b_ih), _listed(db_hh, b_hh), _listed(dw_hr, w_hr),
-    )
+    dx, dh0, dc0, dweights = zip(*per_layer)
+    return dx[0] if need_dx else None, torch.stack(dh0), None if c0 is None else torch.stack(dc0), list(dweights)
 
 
-def stack_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save=True):
-    return stack_forward_by_layers(forward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save)
+def stack_forward(cell, x, h0, c0, weights, masks, lengths, save=True):
+    return stack_forward_by_layers(forward, cell, x, h0, c0, weights, masks, lengths, save)
 
 
-def stack_backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n,
-                   need_dx=True):
-    return stack_backward_by_layers(backward, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws,
-                                    dys, dh_n, dc_n, need_dx)
+def stack_backward(cell, x, h0, c0, weights, masks, lengths, ys, saved, dys, dh_n, dc_n, need_dx=True):
+    return stack_backward_by_layers(backward, cell, x, h0, c0, weights, masks, lengths, ys, saved, dys, dh_n, dc_n,
+                                    need_dx)
