@@ -10,6 +10,7 @@ GPU tests carry the ``gpu`` marker and are skipped without CUDA; nothing here to
 
 import os
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedrnn
+from fusedrnn import cells
+from fusedrnn.cells import LayerWeights
 
 # Strict float32 (bench/gpu_check.sh sets FUSEDRNN_STRICT_FP32=1 for its GPU test stages): torch.nn's cuDNN
 # baseline computes float32 without TF32, so its own error is ~1e-6 instead of ~1e-3 and the oracle below
@@ -38,7 +41,7 @@ FLOOR = {  # relative error allowed on top of FACTOR * err(torch.nn)
     torch.bfloat16: 1.6e-2,
 }
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+CELLS = cells.CELL_NAMES
 SHAPE_ARGS = "T,B,I,H,layers,bidirectional"
 AWKWARD_SHAPES = [  # (T, B, I, H, layers, bidirectional), shared by the per-backend model tests
     (5, 3, 4, 6, 1, False),
@@ -222,6 +225,52 @@ def off_relu_kink(fused, ref, x, hx):
 
 def kink_prone(cell, dtype):
     return cell == "rnn_relu" and dtype in (torch.float16, torch.bfloat16)
+
+
+# ---- the layer contract (reference.py), called directly ------------------------------------------------
+class LayerCall(NamedTuple):
+    """The arguments of one backend ``forward`` in contract order: ``backend.forward(*call, save)``."""
+
+    cell: str
+    x: torch.Tensor  # (T, B, I)
+    h0: torch.Tensor  # (B, P)
+    c0: torch.Tensor | None  # (B, H) for lstm
+    weights: LayerWeights
+    lengths: torch.Tensor | None  # (B,) int64
+    reverse: bool
+
+
+def random_weights(cell, I, H, P=None, bias=True, dtype=torch.float64, device="cpu", scale=0.4):
+    """A random LayerWeights (cells.py shapes); P != H gives an LSTM projection."""
+    G, P = cells.gates(cell), P or H
+
+    def rand(*shape, s=1.0):
+        return torch.randn(*shape, dtype=dtype, device=device) * s
+
+    return LayerWeights(
+        rand(G * H, I, s=scale), rand(G * H, P, s=scale), rand(G * H) if bias else None, rand(G * H) if bias else None,
+        rand(P, H, s=scale) if P != H else None,
+    )
+
+
+def random_layer_call(cell, T, B, I, H, P=None, lengths=None, reverse=False, bias=True, dtype=torch.float64,
+                      device="cpu"):
+    """Random arguments of one layer forward (LayerCall); lengths: a list or None."""
+    P = P or H
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    return LayerCall(
+        cell, rand(T, B, I), rand(B, P), rand(B, H) if cells.CELLS[cell].has_c else None,
+        random_weights(cell, I, H, P, bias, dtype, device),
+        None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device), reverse,
+    )
+
+
+def random_cotangents(call, y):
+    """Random (dy, dh_n, dc_n) for a forward call's outputs: y (T, B, P) and the call's states."""
+    return torch.randn_like(y), torch.randn_like(call.h0), None if call.c0 is None else torch.randn_like(call.c0)
 
 
 # ---- the stack contract (reference.py), called directly ------------------------------------------------
