@@ -4,8 +4,8 @@ A backend asked for by name runs or raises (RuntimeError naming the cause and th
 first backend of the device's preference list that can run the (device, dtype, cell); when it has to pass
 over a faster one it warns once, saying why.
 
-Each backend is a module exposing ``forward``, ``backward``, ``workspace_shape`` (see
-``fusedrnn/reference.py`` for the contract) and ``unavailable_reason(device, dtype, cell) -> str | None``;
+Each backend is a module exposing ``forward`` and ``backward`` (see ``fusedrnn/reference.py`` for the
+contract) and ``unavailable_reason(device, dtype, cell) -> str | None``;
 importing it must be cheap and never fail (extensions load lazily, on the first ``unavailable_reason``).
 """
 
