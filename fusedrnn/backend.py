@@ -4,8 +4,8 @@ A backend asked for by name runs or raises (RuntimeError naming the cause and th
 first backend of the device's preference list that can run the (device, dtype, cell); when it has to pass
 over a faster one it warns once, saying why.
 
-Each backend is a module exposing ``forward``, ``backward``, ``workspace_shape`` (see
-``fusedrnn/reference.py`` for the contract) and ``unavailable_reason(device, dtype, mode) -> str | None``;
+Each backend is a module exposing ``forward`` and ``backward`` (see ``fusedrnn/reference.py`` for the
+contract) and ``unavailable_reason(device, dtype, cell) -> str | None``;
 importing it must be cheap and never fail (extensions load lazily, on the first ``unavailable_reason``).
 """
 
@@ -51,9 +51,9 @@ def runs_stacks(name):
     return name in STACK_BACKENDS
 
 
-def _reason(name, device_type, dtype, mode):
+def _reason(name, device_type, dtype, cell):
     try:
-        return get(name).unavailable_reason(device_type, dtype, mode)
+        return get(name).unavailable_reason(device_type, dtype, cell)
     except ImportError as e:  # a backend whose Python dependencies are missing (e.g. no triton)
         return f"cannot import it ({e})"
 
@@ -84,55 +84,55 @@ def _constant_under_compile(fn):
 
 
 @_constant_under_compile
-def choose(module_choice, device_type, dtype, mode):
+def choose(module_choice, device_type, dtype, cell):
     """``resolve(requested(module_choice), ...)``. Under torch.compile it runs once, at trace time, and its
     result is a constant of the graph (environment reads, imports and warnings stay out of the trace); the
     module's choice, device and dtype are guarded, FUSEDRNN_BACKEND is not: set it before compiling.
 
     Not kept between calls: resolving costs ~1 us (with ``get`` a dict lookup), and a kept answer could outlive
     what it was based on (a backend's cached verdict is reset, as the tests do to simulate a broken build)."""
-    return resolve(requested(module_choice), device_type, dtype, mode)
+    return resolve(requested(module_choice), device_type, dtype, cell)
 
 
-def planned_on_gpu(module_choice, mode, x, dtype, hidden_size, proj_size, layers):
+def planned_on_gpu(module_choice, cell, x, dtype, hidden_size, proj_size, layers):
     """The backend for a call that ``auto`` gave to "cuda": the planner's pick between the two GPU backends for
     this shape (fusedrnn/planner.py) where Triton can run it too, else "cuda". A backend asked for by name (the
     module's argument or FUSEDRNN_BACKEND) is kept. x: (T, B, I) on a CUDA device; proj_size: 0 for none;
     layers: of a unidirectional stack, 1 for layer-by-layer calls. Eager only: under torch.compile the choice stays
     the traced constant."""
-    if requested(module_choice) != "auto" or _reason("triton", x.device.type, dtype, mode) is not None:
+    if requested(module_choice) != "auto" or _reason("triton", x.device.type, dtype, cell) is not None:
         return "cuda"
-    return get("cuda").planned_backend(mode, x, dtype, hidden_size, proj_size or hidden_size, layers)
+    return get("cuda").planned_backend(cell, x, dtype, hidden_size, proj_size or hidden_size, layers)
 
 
-def resolve(choice, device_type, dtype, mode):
-    """The backend name that runs (device_type, dtype, mode) for a request ``choice``."""
+def resolve(choice, device_type, dtype, cell):
+    """The backend name that runs (device_type, dtype, cell) for a request ``choice``."""
     if choice != "auto":
-        reason = _reason(choice, device_type, dtype, mode)
+        reason = _reason(choice, device_type, dtype, cell)
         if reason is not None:
             raise RuntimeError(
-                f"fusedrnn: backend {choice!r} cannot run {mode} in {dtype} on {device_type}: {reason}. "
+                f"fusedrnn: backend {choice!r} cannot run {cell} in {dtype} on {device_type}: {reason}. "
                 f"Pick another with backend=... or {ENV_VAR}, or 'auto' to choose automatically."
             )
         return choice
     skipped = []
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
-        reason = _reason(name, device_type, dtype, mode)
+        reason = _reason(name, device_type, dtype, cell)
         if reason is None:
-            _warn_fallback(skipped, name, device_type, dtype, mode)
+            _warn_fallback(skipped, name, device_type, dtype, cell)
             return name
         skipped.append((name, reason))
-    raise RuntimeError(f"fusedrnn: no backend can run {mode} in {dtype} on {device_type}")
+    raise RuntimeError(f"fusedrnn: no backend can run {cell} in {dtype} on {device_type}")
 
 
-def _warn_fallback(skipped, chosen, device_type, dtype, mode):
+def _warn_fallback(skipped, chosen, device_type, dtype, cell):
     key = (tuple(skipped), chosen, device_type)
     if not skipped or key in _warned:
         return
     _warned.add(key)
     why = "; ".join(f"{n}: {r}" for n, r in skipped)
     warnings.warn(
-        f"fusedrnn: using the {chosen!r} backend for {mode} in {dtype} on {device_type} ({why})",
+        f"fusedrnn: using the {chosen!r} backend for {cell} in {dtype} on {device_type} ({why})",
         RuntimeWarning,
         stacklevel=5,  # _warn_fallback < resolve < choose < _run < forward
     )

@@ -21,11 +21,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import backend as backends
+from .cells import CELLS, cell_of
 
-TORCH_CLASSES = (nn.LSTM, nn.GRU, nn.RNN)
 _FUSED_ATTRIBUTES = ("backend", "last_backend")
 # torch.nn's gate order (reference.py) -> ONNX's: LSTM (i, f, g, o) -> (i, o, f, c); GRU (r, z, n) -> (z, r, h).
 _ONNX_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn_tanh": (0,), "rnn_relu": (0,)}
@@ -35,7 +34,7 @@ _ONNX_OPERATOR = {"lstm": ("LSTM", {}), "gru": ("GRU", {"linear_before_reset": 1
 
 def torch_class(module):
     """The torch.nn class (LSTM, GRU or RNN) that ``module`` is an instance of."""
-    return next(cls for cls in TORCH_CLASSES if isinstance(module, cls))
+    return CELLS[cell_of(module)].nn_class
 
 
 def to_torch(module):
@@ -96,19 +95,19 @@ def onnx_run(module, x, hx, lengths):
 
     x: (T, B, I); hx: (L*D, B, P) or its (h0, c0) pair for LSTM; lengths: (B,) int64 or None
     -> y: (T, B, D*H), (h_n,) or (h_n, c_n) each (L*D, B, H)."""
-    mode = module.mode.lower()
+    cell = cell_of(module)
     if module.proj_size > 0:
         raise torch.onnx.OnnxExporterError(
             f"fusedrnn: cannot export LSTM with proj_size={module.proj_size} to ONNX: ONNX's LSTM operator has "
             "no projection (torch.nn.LSTM with proj_size cannot be exported either)"
         )
-    h0, c0 = hx if mode == "lstm" else (hx, None)
+    h0, c0 = hx if CELLS[cell].has_c else (hx, None)
     directions = 2 if module.bidirectional else 1
     seq_lens = None if lengths is None else lengths.to(torch.int32)
     layer_input, h_n, c_n = x, [], []
     for layer in range(module.num_layers):
         states = slice(layer * directions, (layer + 1) * directions)
-        y, h, c = _onnx_layer(module, mode, layer, layer_input, seq_lens, h0[states],
+        y, h, c = _onnx_layer(module, cell, layer, layer_input, seq_lens, h0[states],
                               None if c0 is None else c0[states])
         layer_input = y
         h_n.append(h)
@@ -119,13 +118,13 @@ def onnx_run(module, x, hx, lengths):
     return layer_input, hidden
 
 
-def _onnx_layer(module, mode, layer, x, seq_lens, h0, c0):
+def _onnx_layer(module, cell, layer, x, seq_lens, h0, c0):
     """One layer as one ONNX node. x: (T, B, I); seq_lens: (B,) int32 or None; h0, c0: (D, B, H)
     -> y: (T, B, D*H), h_n and c_n (None for GRU / RNN): (D, B, H)."""
     directions = 2 if module.bidirectional else 1
-    per_direction = [_onnx_weights(module, mode, layer * directions + d) for d in range(directions)]
+    per_direction = [_onnx_weights(module, cell, layer * directions + d) for d in range(directions)]
     w, r, b = (None if parts[0] is None else torch.stack(parts) for parts in zip(*per_direction))
-    op_type, attributes = _ONNX_OPERATOR[mode]
+    op_type, attributes = _ONNX_OPERATOR[cell]
     attributes = dict(attributes, hidden_size=module.hidden_size,
                       direction="bidirectional" if directions == 2 else "forward")
     if "activations" in attributes:  # ONNX lists them per direction
@@ -140,14 +139,14 @@ def _onnx_layer(module, mode, layer, x, seq_lens, h0, c0):
     return y, outputs[1], outputs[2] if c0 is not None else None
 
 
-def _onnx_weights(module, mode, index):
+def _onnx_weights(module, cell, index):
     """ONNX's W (G*H, I), R (G*H, H) and B (2*G*H,) or None of layer-direction ``index``, gates reordered."""
-    w_ih, w_hh, b_ih, b_hh, _ = module._layer_weights(index)
-    order = _ONNX_GATE_ORDER[mode]
+    weights = module._layer_weights(index)
+    order = _ONNX_GATE_ORDER[cell]
 
     def reorder(t):  # slices, not chunk(): the exporter folds single-output ops on constants into initializers
         rows = t.shape[0] // len(order)
         return torch.cat([t[g * rows:(g + 1) * rows] for g in order])
 
-    bias = None if b_ih is None else torch.cat([reorder(b_ih), reorder(b_hh)])
-    return reorder(w_ih), reorder(w_hh), bias
+    bias = None if weights.b_ih is None else torch.cat([reorder(weights.b_ih), reorder(weights.b_hh)])
+    return reorder(weights.w_ih), reorder(weights.w_hh), bias

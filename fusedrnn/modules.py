@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backend as backends
 from . import deploy
+from .cells import LayerWeights, cell_of
 from .ops import compute_dtype, run_layer, run_stack
 
 
@@ -101,13 +102,13 @@ class _Fused:
 
     # -- the stack ----------------------------------------------------------------------------------------
     def _layer_weights(self, index):
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer-direction ``index``, None where absent.
+        """The LayerWeights of layer-direction ``index``, None where absent.
 
         Read by name on every call so that functional_call, parametrizations and weight swaps are seen. torch.nn
         names each layer-direction's parameters in the order w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
         w = [_attribute(self, name) for name in self._all_weights[index]]
         b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-        return w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None
+        return LayerWeights(w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None)
 
     def _check_states(self, x, states):
         """What torch.nn checks inside its kernels, with clearer messages (same exception type)."""
@@ -124,7 +125,7 @@ class _Fused:
 
     def _run(self, x, hx, lengths):
         """x: (T, B, I); hx as given to forward (batched, permuted) -> y: (T, B, D*P), (h_n,) or (h_n, c_n)."""
-        mode = self.mode.lower()
+        cell = cell_of(self)
         h0, c0 = self._split_hidden(hx)
         self._check_states(x, [h0] if c0 is None else [h0, c0])
         if deploy.exporting_to_onnx():  # torch.onnx.export(dynamo=True): standard ONNX nodes, see deploy.py
@@ -132,17 +133,17 @@ class _Fused:
         if x.size(1) == 0:  # an empty batch has nothing to compute; the reference handles it without kernels
             name = "reference"
         else:
-            name = backends.choose(self.backend, x.device.type, compute_dtype(x), mode)
+            name = backends.choose(self.backend, x.device.type, compute_dtype(x), cell)
         if name == "cuda" and not torch.compiler.is_compiling():  # auto between the GPU backends: by shape
             layers = 1 if self.bidirectional else self.num_layers
             name = backends.planned_on_gpu(
-                self.backend, mode, x, compute_dtype(x), self.hidden_size, self.proj_size, layers
+                self.backend, cell, x, compute_dtype(x), self.hidden_size, self.proj_size, layers
             )
         self.__dict__["last_backend"] = name  # a plain attribute: nn.Module.__setattr__'s checks cost ~3 us a call
         if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name):
             weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
             if _same_parameters(weights):
-                return self._run_stack(x, h0, c0, weights, lengths, mode, name)
+                return self._run_stack(x, h0, c0, weights, lengths, cell, name)
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()
         h_n, c_n = [], []
@@ -151,8 +152,8 @@ class _Fused:
             for direction in range(directions):
                 index = layer * directions + direction
                 y, h, c = run_layer(
-                    layer_input, h0[index], None if c0 is None else c0[index], *self._layer_weights(index),
-                    lengths, mode, direction == 1, name,
+                    layer_input, h0[index], None if c0 is None else c0[index], self._layer_weights(index),
+                    lengths, cell, direction == 1, name,
                 )
                 outputs.append(y)
                 h_n.append(h)
@@ -163,7 +164,7 @@ class _Fused:
         hidden = (_stacked(h_n), _stacked(c_n)) if c0 is not None else (_stacked(h_n),)
         return layer_input, hidden
 
-    def _run_stack(self, x, h0, c0, weights, lengths, mode, name):
+    def _run_stack(self, x, h0, c0, weights, lengths, cell, name):
         """_run for a unidirectional stack in one call, where the backend runs one (CUDA's wavefront). The
         dropout masks are drawn up front, one F.dropout per layer boundary in layer order: the same random
         draws as dropping each layer's output in turn."""
@@ -171,7 +172,7 @@ class _Fused:
         if self.dropout > 0 and self.training:
             ones = x.new_ones(x.size(0), x.size(1), self._state_size())
             masks = [F.dropout(ones, self.dropout, training=True) for _ in range(self.num_layers - 1)]
-        y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, mode, name)
+        y, h_n, c_n = run_stack(x.contiguous(), h0, c0, weights, masks, lengths, cell, name)
         return y, (h_n, c_n) if c0 is not None else (h_n,)
 
 

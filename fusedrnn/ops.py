@@ -9,14 +9,16 @@ op's backward is the backend's hand-written BPTT. The argument contract is in ``
 
 Custom ops cannot return None, so absent tensors (c for non-LSTM cells, the gradients of missing biases or
 projections) cross the op boundary as empty tensors and are turned back into None on each side.
-What autograd saves: the op's inputs, y and the backend's workspace ws (y doubles as the h sequence).
-Where no gradient can follow (grad mode off, or nothing requires grad) ``run_layer`` asks for no ws
-(``save=False``): the backend then skips writing it, which is most of inference's memory traffic.
+What autograd saves: the op's inputs, y and the activations the backend saved (``saved``; y doubles as the h
+sequence). Where no gradient can follow (grad mode off, or nothing requires grad) ``run_layer`` asks for none
+(``save=False``): the backend then skips writing them, which is most of inference's memory traffic.
 The backward ops are differentiable too (double backward, on every device): by autograd through the
 reference BPTT, which they recompute from the saved inputs. Autocast is registered on both forward ops for
 CPU and CUDA, matching torch.nn's output dtypes (see the autocast section).
 """
 
+import inspect
+from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -25,9 +27,30 @@ from torch import Tensor
 
 from . import backend as backends
 from . import reference
-from .reference import GATES
+from .cells import LayerWeights, saved_shape
 
-_OPTIONAL_GRADS = (2, 5, 6, 7)  # dc0, db_ih, db_hh, dw_hr
+# The op's arguments of one layer's parameters, in LayerWeights' order (absent ones: None for the layer ops, empty
+# lists for the stack ops); everything below names arguments through the ops' own signatures, never by position.
+WEIGHTS = LayerWeights._fields
+PRIMALS = ("x", "h0", "c0", *WEIGHTS)  # the inputs a gradient can flow to
+COTANGENTS = ("dy", "dh_n", "dc_n")  # the backward ops' incoming gradients (dys for stacks)
+
+
+def _arguments(op):
+    """A named tuple of ``op``'s arguments in schema order, from its declared signature: the one place that fixes
+    the order; defaults included, so a tuple autograd hands back without its trailing defaults still reads right."""
+    params = inspect.signature(op._init_fn).parameters.values()
+    defaults = [p.default for p in params if p.default is not inspect.Parameter.empty]
+    return namedtuple(op._qualname.split("::")[1] + "_args", [p.name for p in params], defaults=defaults)
+
+
+def _positions(args, names):
+    return tuple(args._fields.index(name) for name in names)
+
+
+def _gradients(args, **grads):
+    """The tuple a backward formula returns: ``grads`` at their arguments' positions, None everywhere else."""
+    return tuple(grads.get(name) for name in args._fields)
 
 
 def _empty_like_none(t, like):
@@ -38,6 +61,28 @@ def _none_if_empty(t):
     return None if t is None or t.numel() == 0 and t.dim() == 1 else t
 
 
+def _layer_weights(args):
+    """The LayerWeights among an op's arguments (a layer op's: None where absent)."""
+    return LayerWeights(*(getattr(args, name) for name in WEIGHTS))
+
+
+def _named(args, names):
+    """{name: value} of an op's arguments, to call another op by argument name."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _stack_weights(*columns):
+    """The stack ops' weight arguments, one list per parameter in WEIGHTS order (empty where absent), as a list
+    of LayerWeights."""
+    return [LayerWeights(*(column[layer] if column else None for column in columns)) for layer in range(len(columns[0]))]
+
+
+def _columns(weights):
+    """A list of LayerWeights as the stack ops take them: per parameter, the list over layers (empty if absent)."""
+    return {name: [w for w in column if w is not None] for name, column in zip(WEIGHTS, zip(*weights))}
+
+
+# ---- one layer, one direction --------------------------------------------------------------------------------
 @torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
 def layer_forward(
     x: Tensor,
@@ -49,25 +94,28 @@ def layer_forward(
     b_hh: Optional[Tensor],
     w_hr: Optional[Tensor],
     lengths: Optional[Tensor],
-    mode: str,
+    cell: str,
     reverse: bool,
     backend: str,
     save: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer, one direction, whole sequence. Returns (y, h_n, c_n or empty, ws; ws empty without save)."""
-    y, h_n, c_n, ws = backends.get(backend).forward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save
+    """One layer, one direction, whole sequence. Returns (y, h_n, c_n or empty, saved; saved empty without save)."""
+    y, h_n, c_n, saved = backends.get(backend).forward(
+        cell, x, h0, c0, LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), lengths, reverse, save
     )
-    return y, h_n, _empty_like_none(c_n, x), ws
+    return y, h_n, _empty_like_none(c_n, x), saved
+
+
+LayerForwardArgs = _arguments(layer_forward)
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend, save=True):
-    T, B = x.shape[0], x.shape[1]
-    H, P = w_hh.shape[0] // GATES[mode], h0.shape[1]
-    c_n = x.new_empty(B, H) if mode == "lstm" else x.new_empty(0)
-    ws = x.new_empty(backends.get(backend).workspace_shape(mode, T, B, H, P) if save else (0,))
-    return x.new_empty(T, B, P), x.new_empty(B, P), c_n, ws
+def _layer_forward_fake(*inputs):
+    a = LayerForwardArgs(*inputs)
+    (T, B), P, H = a.x.shape[:2], a.h0.shape[1], LayerWeights(a.w_ih, a.w_hh).hidden_size(a.cell)
+    c_n = a.x.new_empty(B, H) if a.cell == "lstm" else a.x.new_empty(0)
+    saved = a.x.new_empty(saved_shape(a.cell, T, B, H) if a.save else (0,))
+    return a.x.new_empty(T, B, P), a.x.new_empty(B, P), c_n, saved
 
 
 @torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
@@ -82,56 +130,33 @@ def layer_backward(
     w_hr: Optional[Tensor],
     lengths: Optional[Tensor],
     y: Tensor,
-    ws: Tensor,
+    saved: Tensor,
     dy: Tensor,
     dh_n: Tensor,
     dc_n: Optional[Tensor],
-    mode: str,
+    cell: str,
     reverse: bool,
     backend: str,
     need_dx: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """BPTT of ``layer_forward``. Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), empty where absent
-    (dx too without need_dx: the layer's input needs no gradient, typically the data fed to the first layer)."""
-    grads = backends.get(backend).backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx
+    """BPTT of ``layer_forward``: the gradients of PRIMALS in order, empty where absent (dx too without need_dx: the
+    layer's input needs no gradient, typically the data fed to the first layer)."""
+    dx, dh0, dc0, dweights = backends.get(backend).backward(
+        cell, x, h0, c0, LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), lengths, reverse, y, saved, dy, dh_n, dc_n,
+        need_dx,
     )
-    return tuple(_empty_like_none(g, x) for g in grads)
+    return tuple(_empty_like_none(g, x) for g in (dx, dh0, dc0, *dweights))
+
+
+LayerBackwardArgs = _arguments(layer_backward)
 
 
 @layer_backward.register_fake
-def _layer_backward_fake(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws, dy, dh_n, dc_n, mode, reverse, backend, need_dx=True
-):
-    like = (x if need_dx else None, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return tuple(x.new_empty(0) if t is None else torch.empty_like(t) for t in like)
-
-
-def _setup_context(ctx, inputs, output):
-    *tensors, lengths, mode, reverse, backend, save = inputs
-    y, _, _, ws = output
-    ctx.save_for_backward(*tensors, lengths, y, ws)
-    ctx.config = (mode, reverse, backend)
-    ctx.saved_ws = save
-    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for ws, a (T, B, .) buffer
-
-
-def _backward(ctx, dy, dh_n, dc_n, _dws):
-    mode, reverse, backend = ctx.config
-    if not ctx.saved_ws:
-        raise RuntimeError("fusedrnn::layer_forward ran with save=False, so it kept nothing to differentiate")
-    saved = ctx.saved_tensors
-    y, h0, c0 = saved[9], saved[1], saved[2]
-    dy = torch.zeros_like(y) if dy is None else dy
-    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-    dc_n = torch.zeros_like(c0) if dc_n is None and mode == "lstm" else dc_n
-    need_dx = ctx.needs_input_grad[0]
-    grads = layer_backward(*saved[:9], saved[9], saved[10], dy, dh_n, dc_n if mode == "lstm" else None,
-                           mode, reverse, backend, need_dx)
-    grads = [_none_if_empty(g) if i in _OPTIONAL_GRADS else g for i, g in enumerate(grads)]
-    if not need_dx:
-        grads[0] = None
-    return (*grads, None, None, None, None, None)
+def _layer_backward_fake(*inputs):
+    a = LayerBackwardArgs(*inputs)
+    like = [getattr(a, name) for name in PRIMALS]
+    like[0] = a.x if a.need_dx else None
+    return tuple(a.x.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
 
 def _save_inputs(ctx, inputs):
@@ -146,11 +171,51 @@ def _saved_inputs(ctx):
     return pytree.tree_unflatten(leaves, ctx.input_spec)
 
 
+def _setup_forward_context(ctx, inputs, output):
+    """What a forward op's backward needs: its inputs and its (y or ys, saved) outputs."""
+    outputs, _, _, saved = output
+    _save_inputs(ctx, (*inputs, outputs, saved))
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for saved, a (T, B, .) buffer
+
+
+def _restored(ctx, args):
+    """(the forward op's arguments as ``args``, its y or ys, its saved) from _setup_forward_context."""
+    *inputs, outputs, saved = _saved_inputs(ctx)
+    a = args(*inputs)
+    if not a.save:
+        op = type(a).__name__.removesuffix("_args")
+        raise RuntimeError(f"fusedrnn::{op} ran with save=False, so it kept nothing to differentiate")
+    return a, outputs, saved
+
+
+def _zero_filled(a, outputs, dy, dh_n, dc_n):
+    """The cotangents of a forward op's outputs, zeros where autograd passed None (no gradient reached it)."""
+    dy = torch.zeros_like(outputs) if dy is None else dy
+    dh_n = torch.zeros_like(a.h0) if dh_n is None else dh_n
+    if a.cell != "lstm":
+        return dy, dh_n, None
+    return dy, dh_n, torch.zeros_like(a.c0) if dc_n is None else dc_n
+
+
+def _layer_forward_backward(ctx, dy, dh_n, dc_n, _dsaved):
+    a, y, saved = _restored(ctx, LayerForwardArgs)
+    dy, dh_n, dc_n = _zero_filled(a, y, dy, dh_n, dc_n)
+    need_dx = ctx.needs_input_grad[0]
+    grads = layer_backward(
+        **_named(a, (*PRIMALS, "lengths", "cell", "reverse", "backend")), y=y, saved=saved, dy=dy, dh_n=dh_n,
+        dc_n=dc_n, need_dx=need_dx,
+    )
+    grads = dict(zip(PRIMALS, (_none_if_empty(g) for g in grads)))
+    if not need_dx:
+        grads["x"] = None
+    return _gradients(LayerForwardArgs, **grads)
+
+
 def _double_backward(ctx, *grad_grads):
     """Backward of a backward op (double backward, any backend): the reference BPTT, which is plain PyTorch,
     differentiated by autograd, with the forward's saved activations recomputed by the reference forward.
 
-    ctx.differentiable: the input positions that can get a gradient (primals and cotangents; y and ws are
+    ctx.differentiable: the input positions that can get a gradient (PRIMALS and COTANGENTS; y and saved are
     functions of the primals and the recomputation carries that dependence). ctx.recompute(inputs) -> the
     op's outputs from them. Higher orders work too: under create_graph the result stays attached."""
     inputs = list(_saved_inputs(ctx))
@@ -188,21 +253,25 @@ def _double_backward(ctx, *grad_grads):
     return tuple(result)
 
 
-def _setup_backward_context(ctx, inputs, output):
-    mode, reverse, need_dx = inputs[14], inputs[15], inputs[17]
+def _setup_layer_backward_context(ctx, inputs, output):
     _save_inputs(ctx, inputs)
-    ctx.differentiable = (*range(8), 11, 12, 13)  # x .. w_hr, dy, dh_n, dc_n
+    ctx.differentiable = _positions(LayerBackwardArgs, (*PRIMALS, *COTANGENTS))
     ctx.set_materialize_grads(False)
 
-    def recompute(i):
-        y, _, _, ws = reference.forward(mode, *i[:9], reverse)
-        return reference.backward(mode, *i[:9], reverse, y, ws, *i[11:14], need_dx)
+    def recompute(inputs):
+        a = LayerBackwardArgs(*inputs)
+        weights = _layer_weights(a)
+        y, _, _, saved = reference.forward(a.cell, a.x, a.h0, a.c0, weights, a.lengths, a.reverse)
+        dx, dh0, dc0, dweights = reference.backward(
+            a.cell, a.x, a.h0, a.c0, weights, a.lengths, a.reverse, y, saved, a.dy, a.dh_n, a.dc_n, a.need_dx
+        )
+        return dx, dh0, dc0, *dweights
 
     ctx.recompute = recompute
 
 
-layer_forward.register_autograd(_backward, setup_context=_setup_context)
-layer_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+layer_forward.register_autograd(_layer_forward_backward, setup_context=_setup_forward_context)
+layer_backward.register_autograd(_double_backward, setup_context=_setup_layer_backward_context)
 
 
 # ---- stacks ------------------------------------------------------------------------------------------------
@@ -218,25 +287,29 @@ def stack_forward(
     w_hr: list[Tensor],
     masks: list[Tensor],
     lengths: Optional[Tensor],
-    mode: str,
+    cell: str,
     backend: str,
     save: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """L unidirectional layers, dropout masks between them (reference.py's stack contract).
-    Returns (ys, h_n, c_n or empty, ws; ws empty without save)."""
-    ys, h_n, c_n, ws = backends.get(backend).stack_forward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, save
+    """L unidirectional layers, dropout masks between them (reference.py's stack contract); the weights as one
+    list per parameter (empty where absent). Returns (ys, h_n, c_n or empty, saved; saved empty without save)."""
+    ys, h_n, c_n, saved = backends.get(backend).stack_forward(
+        cell, x, h0, c0, _stack_weights(w_ih, w_hh, b_ih, b_hh, w_hr), masks, lengths, save
     )
-    return ys, h_n, _empty_like_none(c_n, x), ws
+    return ys, h_n, _empty_like_none(c_n, x), saved
+
+
+StackForwardArgs = _arguments(stack_forward)
 
 
 @stack_forward.register_fake
-def _stack_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, mode, backend, save=True):
-    (T, B), (L, _, P) = x.shape[:2], h0.shape
-    H = w_hh[0].shape[0] // GATES[mode]
-    c_n = x.new_empty(L, B, H) if mode == "lstm" else x.new_empty(0)
-    ws = x.new_empty((L, *backends.get(backend).workspace_shape(mode, T, B, H, P)) if save else (0,))
-    return x.new_empty(L, T, B, P), x.new_empty(L, B, P), c_n, ws
+def _stack_forward_fake(*inputs):
+    a = StackForwardArgs(*inputs)
+    (T, B), (L, _, P) = a.x.shape[:2], a.h0.shape
+    H = LayerWeights(a.w_ih[0], a.w_hh[0]).hidden_size(a.cell)
+    c_n = a.x.new_empty(L, B, H) if a.cell == "lstm" else a.x.new_empty(0)
+    saved = a.x.new_empty((L, *saved_shape(a.cell, T, B, H)) if a.save else (0,))
+    return a.x.new_empty(L, T, B, P), a.x.new_empty(L, B, P), c_n, saved
 
 
 @torch.library.custom_op("fusedrnn::stack_backward", mutates_args=())
@@ -252,69 +325,66 @@ def stack_backward(
     masks: list[Tensor],
     lengths: Optional[Tensor],
     ys: Tensor,
-    ws: Tensor,
+    saved: Tensor,
     dys: Tensor,
     dh_n: Tensor,
     dc_n: Optional[Tensor],
-    mode: str,
+    cell: str,
     backend: str,
     need_dx: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """BPTT of ``stack_forward``: (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); dx and dc0 empty where
-    absent, the lists empty where their parameter lists are."""
-    dx, dh0, dc0, *lists = backends.get(backend).stack_backward(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n, need_dx
+    """BPTT of ``stack_forward``: the gradients of PRIMALS in order; dx and dc0 empty where absent, the weight
+    lists empty where their parameter lists are."""
+    dx, dh0, dc0, dweights = backends.get(backend).stack_backward(
+        cell, x, h0, c0, _stack_weights(w_ih, w_hh, b_ih, b_hh, w_hr), masks, lengths, ys, saved, dys, dh_n, dc_n,
+        need_dx,
     )
-    return (_empty_like_none(dx, x), dh0, _empty_like_none(dc0, x), *lists)
+    return (_empty_like_none(dx, x), dh0, _empty_like_none(dc0, x), *_columns(dweights).values())
+
+
+StackBackwardArgs = _arguments(stack_backward)
 
 
 @stack_backward.register_fake
-def _stack_backward_fake(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n, mode, backend, need_dx=True
-):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dc0 = x.new_empty(0) if c0 is None else torch.empty_like(c0)
-    lists = ([torch.empty_like(t) for t in ts] for ts in (w_ih, w_hh, b_ih, b_hh, w_hr))
-    return dx, torch.empty_like(h0), dc0, *lists
+def _stack_backward_fake(*inputs):
+    a = StackBackwardArgs(*inputs)
+    dx = torch.empty_like(a.x) if a.need_dx else a.x.new_empty(0)
+    dc0 = a.x.new_empty(0) if a.c0 is None else torch.empty_like(a.c0)
+    lists = ([torch.empty_like(t) for t in getattr(a, name)] for name in WEIGHTS)
+    return dx, torch.empty_like(a.h0), dc0, *lists
 
 
-def _setup_stack_context(ctx, inputs, output):
-    ys, _, _, ws = output
-    _save_inputs(ctx, (*inputs, ys, ws))
-    ctx.set_materialize_grads(False)
-
-
-def _stack_backward(ctx, dys, dh_n, dc_n, _dws):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, mode, backend, save, ys, ws = _saved_inputs(ctx)
-    if not save:
-        raise RuntimeError("fusedrnn::stack_forward ran with save=False, so it kept nothing to differentiate")
-    dys = torch.zeros_like(ys) if dys is None else dys
-    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-    if mode == "lstm":
-        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+def _stack_forward_backward(ctx, dys, dh_n, dc_n, _dsaved):
+    a, ys, saved = _restored(ctx, StackForwardArgs)
+    dys, dh_n, dc_n = _zero_filled(a, ys, dys, dh_n, dc_n)
     need_dx = ctx.needs_input_grad[0]
     dx, dh0, dc0, *lists = stack_backward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, ys, ws, dys, dh_n, dc_n if mode == "lstm" else None,
-        mode, backend, need_dx,
+        **_named(a, (*PRIMALS, "masks", "lengths", "cell", "backend")), ys=ys, saved=saved, dys=dys, dh_n=dh_n,
+        dc_n=dc_n, need_dx=need_dx,
     )
-    grads = (dx if need_dx else None, dh0, _none_if_empty(dc0), *lists, [None] * len(masks), None, None, None, None)
+    grads = _gradients(StackForwardArgs, x=dx if need_dx else None, h0=dh0, c0=_none_if_empty(dc0),
+                       **dict(zip(WEIGHTS, lists)), masks=[None] * len(a.masks))
     return grads[: len(ctx.needs_input_grad)]  # trailing arguments left at their defaults take no slot
 
 
 def _setup_stack_backward_context(ctx, inputs, output):
-    mode, need_dx = inputs[15], inputs[17]
     _save_inputs(ctx, inputs)
-    ctx.differentiable = (*range(8), 12, 13, 14)  # x .. w_hr, dys, dh_n, dc_n
+    ctx.differentiable = _positions(StackBackwardArgs, (*PRIMALS, "dys", "dh_n", "dc_n"))
     ctx.set_materialize_grads(False)
 
-    def recompute(i):
-        ys, _, _, ws = reference.stack_forward(mode, *i[:10])
-        return reference.stack_backward(mode, *i[:10], ys, ws, *i[12:15], need_dx)
+    def recompute(inputs):
+        a = StackBackwardArgs(*inputs)
+        weights = _stack_weights(*(getattr(a, name) for name in WEIGHTS))
+        ys, _, _, saved = reference.stack_forward(a.cell, a.x, a.h0, a.c0, weights, a.masks, a.lengths)
+        dx, dh0, dc0, dweights = reference.stack_backward(
+            a.cell, a.x, a.h0, a.c0, weights, a.masks, a.lengths, ys, saved, a.dys, a.dh_n, a.dc_n, a.need_dx
+        )
+        return dx, dh0, dc0, *_columns(dweights).values()
 
     ctx.recompute = recompute
 
 
-stack_forward.register_autograd(_stack_backward, setup_context=_setup_stack_context)
+stack_forward.register_autograd(_stack_forward_backward, setup_context=_setup_forward_context)
 stack_backward.register_autograd(_double_backward, setup_context=_setup_stack_backward_context)
 
 
@@ -340,8 +410,8 @@ def compute_dtype(x):
     return x.dtype
 
 
-def _autocast_kernel(op, device_type, mode_index):
-    """``op``'s autocast kernel; args[mode_index] is its mode, args[1], args[2], args[7] are h0, c0 and w_hr."""
+def _autocast_kernel(op, args_type, device_type):
+    """``op``'s autocast kernel; args_type names its arguments (``_arguments``)."""
 
     def kernel(*args):
         low = torch.get_autocast_dtype(device_type)
@@ -351,21 +421,21 @@ def _autocast_kernel(op, device_type, mode_index):
 
         low_args = [[cast(t) for t in a] if isinstance(a, list) else cast(a) for a in args]
         with torch.autocast(device_type, enabled=False):
-            y, h_n, c_n, ws = op(*low_args)
-        mode, h0, c0, w_hr = args[mode_index], args[1], args[2], args[7]
-        if device_type == "cpu" and mode == "gru":
-            state = torch.promote_types(low, h0.dtype)
+            y, h_n, c_n, saved = op(*low_args)
+        a = args_type(*args)
+        if device_type == "cpu" and a.cell == "gru":
+            state = torch.promote_types(low, a.h0.dtype)
             y, h_n = y.to(state), h_n.to(state)
-        if device_type == "cpu" and w_hr is not None and not (isinstance(w_hr, list) and not w_hr):
-            c_n = c_n.to(torch.promote_types(low, c0.dtype))
-        return y, h_n, c_n, ws
+        if device_type == "cpu" and a.w_hr is not None and not (isinstance(a.w_hr, list) and not a.w_hr):
+            c_n = c_n.to(torch.promote_types(low, a.c0.dtype))
+        return y, h_n, c_n, saved
 
     return kernel
 
 
 for _device_type in _AUTOCAST_DEVICES:
-    for _op, _mode_index in ((layer_forward, 9), (stack_forward, 10)):
-        _kernel = _autocast_kernel(_op, _device_type, _mode_index)
+    for _op, _args_type in ((layer_forward, LayerForwardArgs), (stack_forward, StackForwardArgs)):
+        _kernel = _autocast_kernel(_op, _args_type, _device_type)
         torch.library.impl(_op._qualname, "Autocast" + _device_type.upper(), _kernel)
 
 
@@ -385,28 +455,32 @@ def _op_adds_nothing(x, tensors):
     )
 
 
-def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, backend):
-    """Differentiable (y, h_n, c_n or None) for one layer-direction; see the contract in reference.py."""
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+def run_layer(x, h0, c0, weights, lengths, cell, reverse, backend):
+    """Differentiable (y, h_n, c_n or None) for one layer-direction; weights: LayerWeights; see the contract in
+    reference.py."""
+    tensors = (x, h0, c0, *weights, lengths)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not save and _op_adds_nothing(x, tensors):
-        y, h_n, c_n, _ = backends.get(backend).forward(mode, *tensors, reverse, False)
-    else:
-        y, h_n, c_n, _ = layer_forward(*tensors, mode, reverse, backend, save)
-    return y, h_n, (c_n if mode == "lstm" else None)
+        y, h_n, c_n, _ = backends.get(backend).forward(cell, x, h0, c0, weights, lengths, reverse, False)
+    else:  # the op takes x, h0, c0, then the weights in LayerWeights order (checked at import below)
+        y, h_n, c_n, _ = layer_forward(*tensors, cell, reverse, backend, save)
+    return y, h_n, (c_n if cell == "lstm" else None)
 
 
-def run_stack(x, h0, c0, weights, masks, lengths, mode, backend):
+def run_stack(x, h0, c0, weights, masks, lengths, cell, backend):
     """Differentiable (y, h_n, c_n or None) of a unidirectional stack in one call (the stack contract in
-    reference.py). weights: per layer (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent; masks: the dropout
-    masks between layers (empty list without dropout)."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = [[w for w in column if w is not None] for column in zip(*weights)]
-    tensors = (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr)
+    reference.py). weights: a LayerWeights per layer, every layer with the same parameters present; masks: the
+    dropout masks between layers (empty list without dropout)."""
+    columns = _columns(weights)
+    tensors = (x, h0, c0, *(w for column in columns.values() for w in column))
     save = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])  # list: see modules
     if not save and _op_adds_nothing(x, (*tensors, *masks, lengths)):
-        ys, h_n, c_n, _ = backends.get(backend).stack_forward(
-            mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, False
-        )
+        ys, h_n, c_n, _ = backends.get(backend).stack_forward(cell, x, h0, c0, weights, masks, lengths, False)
     else:
-        ys, h_n, c_n, _ = stack_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths, mode, backend, save)
-    return ys[-1], h_n, (c_n if mode == "lstm" else None)
+        ys, h_n, c_n, _ = stack_forward(x, h0, c0, *columns.values(), masks, lengths, cell, backend, save)
+    return ys[-1], h_n, (c_n if cell == "lstm" else None)
+
+
+for _args_type in (LayerForwardArgs, LayerBackwardArgs, StackForwardArgs, StackBackwardArgs):
+    # run_layer / run_stack / the ops pass the weights positionally after x, h0, c0: keep them declared so.
+    assert _args_type._fields[: len(PRIMALS)] == PRIMALS, _args_type._fields

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .cells import gates
+
 # ---- the one place for the model's constants (estimates until bench/calibrate.py measures them) ----------------
 CONSTANTS = {
     "launch_us": 2.5,  # host cost of one kernel launch issued back to back on a stream
@@ -47,7 +49,6 @@ _FLOP_PER_CLOCK_SM = {
     9: {"fp32": 256, "tf32": 2048, "half": 4096},
 }
 _HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # by name; unknown cards get the lowest
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SCHEMES = ("persistent", "per_step", "gemm")
 TRITON_VARIANTS = {"triton": "persistent", "triton_split": "split"}  # candidate -> fusedrnn.triton variant
 
@@ -108,12 +109,12 @@ class Shape:
     @property
     def macs(self):
         """Multiply-adds of one step's recurrent product (and projection)."""
-        return self.B * GATES[self.cell] * self.H * self.P + (self.B * self.P * self.H if self.P != self.H else 0)
+        return self.B * gates(self.cell) * self.H * self.P + (self.B * self.P * self.H if self.P != self.H else 0)
 
     @property
     def weight_bytes(self):
         """Bytes of one layer's recurrent weights (W_hh, W_hr)."""
-        return (GATES[self.cell] * self.H * self.P + (self.P * self.H if self.P != self.H else 0)) * self.elem
+        return (gates(self.cell) * self.H * self.P + (self.P * self.H if self.P != self.H else 0)) * self.elem
 
     @staticmethod
     def of(cell, T, B, I, H, P, L, dtype, allow_tf32=None):
@@ -129,9 +130,9 @@ def fits_on_chip(shape, device, layers):
     blocks = device.sms // layers
     if blocks == 0:
         return False
-    per_block = math.ceil(GATES[shape.cell] * shape.H / blocks) * shape.P * shape.elem * (2 if layers > 1 else 1)
+    per_block = math.ceil(gates(shape.cell) * shape.H / blocks) * shape.P * shape.elem * (2 if layers > 1 else 1)
     per_block += math.ceil(shape.P / blocks) * shape.H * shape.elem if shape.P != shape.H else 0
-    acc = 4 * 32 * GATES[shape.cell] * math.ceil(shape.H / blocks) * (2 if layers > 1 else 1)
+    acc = 4 * 32 * gates(shape.cell) * math.ceil(shape.H / blocks) * (2 if layers > 1 else 1)
     return per_block + acc <= device.smem_per_block
 
 
@@ -157,7 +158,7 @@ def step_us(scheme, shape, device, layers=1):
         memory = layers * shape.weight_bytes / (_cache_gbps(shape, device, layers) * 1e3)
         return (1 + proj) * c["launch_us"] + max(memory, _fma_us(flops, device, device.sms))
     if scheme == "gemm":
-        tiles = math.ceil(shape.B / 64) * math.ceil(GATES[shape.cell] * shape.H / 128)
+        tiles = math.ceil(shape.B / 64) * math.ceil(gates(shape.cell) * shape.H / 128)
         rate = device.flops_per_us(unit) * c["gemm_efficiency"] * min(1.0, tiles / device.sms)
         device_us = flops / rate + shape.weight_bytes / (_cache_gbps(shape, device) * 1e3)
         return max((1 + proj) * (c["gemm_call_us"] + c["launch_us"]), device_us)

@@ -1,6 +1,6 @@
 """The Triton backend: fused recurrences for LSTM (with proj_size), GRU and RNN, forward and backward.
 
-Contract and math: fusedrnn/reference.py (this backend's ws has the reference's layout and shape).
+Contract and math: fusedrnn/reference.py (saved activations in every backend's layout, fusedrnn/cells.py).
 Per layer-direction: the input projection x W_ih^T + b_ih for all steps as one torch GEMM (cuBLAS), then
 ONE persistent kernel launch that loops over time (see common.py for the design); backward likewise, then
 the weight and input gradients as torch GEMMs over all steps. Kernels: lstm.py, gru.py, rnn.py.
@@ -18,29 +18,26 @@ import importlib
 
 import torch
 
-from ..reference import workspace_shape  # noqa: F401  (part of the contract; the layouts are the same)
-
 _KERNEL_MODULES = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn", "rnn_relu": "rnn"}
 _DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float16)}
 _MIN_CAPABILITY = (8, 0)
 
 
-def _kernels(mode):
-    return importlib.import_module(f".{_KERNEL_MODULES[mode]}", __name__)
+def _kernels(cell):
+    return importlib.import_module(f".{_KERNEL_MODULES[cell]}", __name__)
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
-    y, h_n, c_n, ws = _kernels(mode).forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    return y, h_n, c_n, ws if save else ws.new_empty(0)
+def forward(cell, x, h0, c0, weights, lengths, reverse, save=True):
+    y, h_n, c_n, saved = _kernels(cell).forward(cell, x, h0, c0, weights, lengths, reverse)
+    return y, h_n, c_n, saved if save else saved.new_empty(0)
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    return _kernels(mode).backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy,
-                                   dh_n, dc_n, need_dx)
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
+    return _kernels(cell).backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx)
 
 
-def unavailable_reason(device, dtype, mode):
-    """Why this backend cannot run (device type, dtype, mode), naming the fix; None when it can."""
+def unavailable_reason(device, dtype, cell):
+    """Why this backend cannot run (device type, dtype, cell), naming the fix; None when it can."""
     try:
         from . import common  # imports triton
     except ImportError as e:

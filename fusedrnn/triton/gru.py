@@ -8,7 +8,7 @@ Backward, in reverse time (dh carried in fp32):
     dh_t = dh + (valid ? dy_t : 0);   dn = dh_t (1-z)(1-n^2);   dz = dh_t (h_{t-1} - n) z(1-z);   dr = dn Bh_n r(1-r)
     input side dA = (dr, dz, dn), hidden side dBh = (dr, dz, dn r), both 0 where not valid
     dh_{t-1} = valid ? dBh W_hh + z dh_t : dh_t
-    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (reference._weight_grads).
+    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (epilogue.weight_grads).
 
 Per step the forward has one phase over H tiles; the backward three (dh_t, gate grads, dh_{t-1}),
 separated by tl.debug_barrier() because each reads rows that other threads of the program wrote.
@@ -20,7 +20,8 @@ y doubles as the h sequence. No output aliases an input or another output.
 import triton
 import triton.language as tl
 
-from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
+from ..cells import saved_shape
+from ..epilogue import input_projection, previous, weight_grads
 from . import common
 from .common import (
     STEP_RANGE,
@@ -133,33 +134,33 @@ def gru_backward_kernel(
         tl.debug_barrier()
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    """The backend contract's forward for mode "gru" (see fusedrnn/reference.py): (y, h_n, None, ws)."""
+def forward(cell, x, h0, c0, weights, lengths, reverse):
+    """The backend contract's forward for cell "gru" (see fusedrnn/reference.py): (y, h_n, None, saved)."""
     T, B, _ = x.shape
-    H = w_hh.shape[0] // 3
-    common.check_sizes(B, (4 * H,), (w_ih, w_hh))
-    h0, w_hh, b_hh = common.dense(h0, w_hh, b_hh)
-    gx = _input_projection(x, w_ih, b_ih)
+    H = weights.hidden_size(cell)
+    common.check_sizes(B, (saved_shape(cell, T, B, H)[2],), weights)
+    h0, w_hh, b_hh = common.dense(h0, weights.w_hh, weights.b_hh)
+    gx = input_projection(x, weights.w_ih, weights.b_ih)
     y = x.new_empty(T, B, H)
-    ws = x.new_empty(workspace_shape(mode, T, B, H, H))
-    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, ws, T, B, H)
-    common.launch(gru_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, mode), REVERSE=reverse,
+    saved = x.new_empty(saved_shape(cell, T, B, H))
+    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, saved, T, B, H)
+    common.launch(gru_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, cell), REVERSE=reverse,
                   HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
-    return y, y[0 if reverse else T - 1].clone(), None, ws
+    return y, y[0 if reverse else T - 1].clone(), None, saved
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    """The backend contract's backward for mode "gru": (dx, dh0, None, dw_ih, dw_hh, db_ih, db_hh, None)."""
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
+    """The backend contract's backward for cell "gru": (dx, dh0, None, dweights)."""
     T, B, _ = x.shape
-    H = w_hh.shape[0] // 3
-    h0, y, ws, w_hh, dy = common.dense(h0, y, ws, w_hh, dy)
+    H = weights.hidden_size(cell)
+    h0, y, saved, w_hh, dy = common.dense(h0, y, saved, weights.w_hh, dy)
     dgx, dgh = x.new_empty(T, B, 3 * H), x.new_empty(T, B, 3 * H)
     dh_buf = common.state_buffer(dh_n)
     dht = dh_buf.new_empty(B, H)
-    args = (ws, h0, y, w_hh, common.stand_in(lengths, h0), dy, dgx, dgh, dh_buf, dht, T, B, H)
+    args = (saved, h0, y, w_hh, common.stand_in(lengths, h0), dy, dgx, dgh, dh_buf, dht, T, B, H)
     phases = [(common.DH, H), (common.UNITS, H), (common.CARRY, H)]
-    common.launch(gru_backward_kernel, x, H, args, phases, common.split(x, H, H, mode), REVERSE=reverse,
+    common.launch(gru_backward_kernel, x, H, args, phases, common.split(x, H, H, cell), REVERSE=reverse,
                   HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dgx, dgh, None, dh0, None, H,
-                         need_dx)
+    dx, dweights = weight_grads(cell, x, previous(y, h0, reverse), saved, weights, dgx, dgh, None, need_dx)
+    return dx, dh0, None, dweights

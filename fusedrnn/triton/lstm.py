@@ -5,12 +5,12 @@ valid[b] = t < lengths[b]):
     gx_t = x_t W_ih^T + b_ih                      (all steps at once: one cuBLAS GEMM before the launch)
     G    = gx_t + h_{t-1} W_hh^T + b_hh;   i, f, o = s(G_i), s(G_f), s(G_o);   g = tanh(G_g)
     c_t  = valid ? f c_{t-1} + i g : c_{t-1}
-    h_t  = valid ? o tanh(c_t) : h_{t-1}          [proj: r = o tanh(c_t) over all H, then h_t = r W_hr^T]
+    h_t  = valid ? o tanh(c_t) : h_{t-1}          [proj: cell_out = o tanh(c_t) over all H, h_t = cell_out W_hr^T]
 Backward, in reverse time (dh, dc carried in fp32):
     dh_t = dh + (valid ? dy_t : 0);   dr = dh_t  [proj: dh_t W_hr];   dc~ = dc + dr o (1 - tanh(c_t)^2)
     dG   = valid ? (dc~ g i(1-i), dc~ c_{t-1} f(1-f), dc~ i(1-g^2), dr tanh(c_t) o(1-o)) : 0
     dc_{t-1} = valid ? dc~ f : dc;   dh_{t-1} = valid ? dG W_hh : dh_t
-    then dx, dW_ih, dW_hh, db, dW_hr as torch GEMMs over all steps (reference._weight_grads).
+    then dx, dW_ih, dW_hh, db, dW_hr as torch GEMMs over all steps (epilogue.weight_grads).
 Gate-derivative products multiply the bounded factors first and unbounded states (c_{t-1}) last, as the
 reference does, so a saturated gate's exact 0 cannot meet an overflowed product (inf * 0 = NaN).
 
@@ -18,14 +18,15 @@ Per step the forward has one phase over H tiles (gates, c, and h or r) and, with
 P tiles (h = r W_hr^T); the backward has three: dh_t over P tiles, dG over H tiles, dh_{t-1} over P tiles.
 Phases are separated by tl.debug_barrier() because each reads rows that other threads of the program wrote.
 
-Saved for backward: ws (T, B, 5H), x's dtype, the reference backend's layout: activated i, f, g, o, and c_t
+Saved for backward: saved (T, B, 5H), x's dtype, every backend's layout (cells.py): activated i, f, g, o, and c_t
 (held). y doubles as the h sequence. No output aliases an input or another output.
 """
 
 import triton
 import triton.language as tl
 
-from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
+from ..cells import saved_shape
+from ..epilogue import input_projection, previous, weight_grads
 from . import common
 from .common import (
     OUTS,
@@ -168,39 +169,41 @@ def lstm_backward_kernel(
         tl.debug_barrier()
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    """The backend contract's forward for mode "lstm" (see fusedrnn/reference.py): (y, h_n, c_n, ws)."""
+def forward(cell, x, h0, c0, weights, lengths, reverse):
+    """The backend contract's forward for cell "lstm" (see fusedrnn/reference.py): (y, h_n, c_n, saved)."""
     T, B, _ = x.shape
-    H, P = w_hh.shape[0] // 4, h0.shape[1]
-    common.check_sizes(B, (5 * H, P), (w_ih, w_hh, w_hr))
-    h0, w_hh, b_hh, w_hr = common.dense(h0, w_hh, b_hh, w_hr)
-    gx = _input_projection(x, w_ih, b_ih)
+    H, P = weights.hidden_size(cell), h0.shape[1]
+    common.check_sizes(B, (saved_shape(cell, T, B, H)[2], P), weights)
+    h0, w_hh, b_hh, w_hr = common.dense(h0, weights.w_hh, weights.b_hh, weights.w_hr)
+    gx = input_projection(x, weights.w_ih, weights.b_ih)
     y = x.new_empty(T, B, P)
-    ws = x.new_empty(workspace_shape(mode, T, B, H, P))
+    saved = x.new_empty(saved_shape(cell, T, B, H))
     c_buf = common.state_buffer(c0)
-    r_buf = x.new_empty(B, H) if w_hr is not None else y
-    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(w_hr, w_hh), common.stand_in(lengths, h0), y, ws, c_buf, r_buf, T, B, H, P)
+    cell_out = x.new_empty(B, H) if w_hr is not None else y
+    args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(w_hr, w_hh), common.stand_in(lengths, h0), y,
+            saved, c_buf, cell_out, T, B, H, P)
     phases = [(common.UNITS, H)] + ([(common.OUTS, P)] if w_hr is not None else [])
-    common.launch(lstm_forward_kernel, x, H, args, phases, common.split(x, H, P, mode), REVERSE=reverse,
+    common.launch(lstm_forward_kernel, x, H, args, phases, common.split(x, H, P, cell), REVERSE=reverse,
                   HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None)
     last = 0 if reverse else T - 1
-    return y, y[last].clone(), ws[last, :, 4 * H:].clone(), ws
+    return y, y[last].clone(), saved[last, :, 4 * H:].clone(), saved
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    """The backend contract's backward for mode "lstm": (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)."""
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
+    """The backend contract's backward for cell "lstm": (dx, dh0, dc0, dweights)."""
     T, B, _ = x.shape
-    H, P = w_hh.shape[0] // 4, h0.shape[1]
-    c0, ws, w_hh, w_hr, dy = common.dense(c0, ws, w_hh, w_hr, dy)
+    H, P = weights.hidden_size(cell), h0.shape[1]
+    c0, saved, w_hh, w_hr, dy = common.dense(c0, saved, weights.w_hh, weights.w_hr, dy)
     dg = x.new_empty(T, B, 4 * H)
     dhy = x.new_empty(T, B, P) if w_hr is not None else None
     dh_buf, dc_buf = common.state_buffer(dh_n), common.state_buffer(dc_n)
     dht = dh_buf.new_empty(B, P)
-    args = (ws, c0, w_hh, common.stand_in(w_hr, w_hh), common.stand_in(lengths, c0), dy, dg, common.stand_in(dhy, dg), dh_buf, dc_buf, dht, T, B, H, P)
+    args = (saved, c0, w_hh, common.stand_in(w_hr, w_hh), common.stand_in(lengths, c0), dy, dg, common.stand_in(dhy, dg),
+            dh_buf, dc_buf, dht, T, B, H, P)
     phases = [(common.DH, P), (common.UNITS, H), (common.CARRY, P)]
-    common.launch(lstm_backward_kernel, x, H, args, phases, common.split(x, H, P, mode), REVERSE=reverse,
+    common.launch(lstm_backward_kernel, x, H, args, phases, common.split(x, H, P, cell), REVERSE=reverse,
                   HAS_LENGTHS=lengths is not None, HAS_PROJ=w_hr is not None)
     dh0, dc0 = common.final_state(dh_buf, T, x.dtype), common.final_state(dc_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, w_hr, dg, dg, dhy, dh0, dc0, H,
-                         need_dx)
+    dx, dweights = weight_grads(cell, x, previous(y, h0, reverse), saved, weights, dg, dg, dhy, need_dx)
+    return dx, dh0, dc0, dweights
 

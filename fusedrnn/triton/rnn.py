@@ -6,7 +6,7 @@ Forward (valid[b] = t < lengths[b]; holding is a select):
 Backward, in reverse time (dh carried in fp32):
     dh_t = dh + (valid ? dy_t : 0);   dG = valid ? dh_t (1 - h_t^2) | (h_t <= 0 ? 0 : dh_t) : 0   (tanh | relu)
     dh_{t-1} = valid ? dG W_hh : dh_t
-    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (reference._weight_grads).
+    then dx, dW_ih, dW_hh, db as torch GEMMs over all steps (epilogue.weight_grads).
 
 Per step the forward has one phase over H tiles; the backward three (dh_t, dG, dh_{t-1}), separated by
 tl.debug_barrier() because each reads rows that other threads of the program wrote.
@@ -18,7 +18,8 @@ No output aliases an input or another output.
 import triton
 import triton.language as tl
 
-from ..reference import _input_projection, _previous, _weight_grads, workspace_shape
+from ..cells import saved_shape
+from ..epilogue import input_projection, previous, weight_grads
 from . import common
 from .common import (
     STEP_RANGE,
@@ -101,32 +102,32 @@ def rnn_backward_kernel(
         tl.debug_barrier()
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    """The backend contract's forward for "rnn_tanh" / "rnn_relu" (see fusedrnn/reference.py): (y, h_n, None, ws)."""
+def forward(cell, x, h0, c0, weights, lengths, reverse):
+    """The backend contract's forward for "rnn_tanh" / "rnn_relu" (see fusedrnn/reference.py): (y, h_n, None, saved)."""
     T, B, _ = x.shape
-    H = w_hh.shape[0]
-    common.check_sizes(B, (H,), (w_ih, w_hh))
-    h0, w_hh, b_hh = common.dense(h0, w_hh, b_hh)
-    gx = _input_projection(x, w_ih, b_ih)
+    H = weights.hidden_size(cell)
+    common.check_sizes(B, (H,), weights)
+    h0, w_hh, b_hh = common.dense(h0, weights.w_hh, weights.b_hh)
+    gx = input_projection(x, weights.w_ih, weights.b_ih)
     y = x.new_empty(T, B, H)
     args = (gx, h0, w_hh, common.stand_in(b_hh, w_hh), common.stand_in(lengths, h0), y, T, B, H)
-    common.launch(rnn_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, mode),
-                  RELU=mode == "rnn_relu", REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
-    return y, y[0 if reverse else T - 1].clone(), None, x.new_empty(workspace_shape(mode, T, B, H, H))
+    common.launch(rnn_forward_kernel, x, H, args, [(common.UNITS, H)], common.split(x, H, H, cell),
+                  RELU=cell == "rnn_relu", REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None)
+    return y, y[0 if reverse else T - 1].clone(), None, x.new_empty(saved_shape(cell, T, B, H))
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    """The backend contract's backward for the RNN modes: (dx, dh0, None, dw_ih, dw_hh, db_ih, db_hh, None)."""
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
+    """The backend contract's backward for the RNN cells: (dx, dh0, None, dweights)."""
     T, B, _ = x.shape
-    H = w_hh.shape[0]
-    y, w_hh, dy = common.dense(y, w_hh, dy)
+    H = weights.hidden_size(cell)
+    y, w_hh, dy = common.dense(y, weights.w_hh, dy)
     dg = x.new_empty(T, B, H)
     dh_buf = common.state_buffer(dh_n)
     dht = dh_buf.new_empty(B, H)
     args = (y, w_hh, common.stand_in(lengths, y), dy, dg, dh_buf, dht, T, B, H)
     phases = [(common.DH, H), (common.UNITS, H), (common.CARRY, H)]
-    common.launch(rnn_backward_kernel, x, H, args, phases, common.split(x, H, H, mode), RELU=mode == "rnn_relu",
+    common.launch(rnn_backward_kernel, x, H, args, phases, common.split(x, H, H, cell), RELU=cell == "rnn_relu",
                   REVERSE=reverse, HAS_LENGTHS=lengths is not None)
     dh0 = common.final_state(dh_buf, T, x.dtype)
-    return _weight_grads(mode, x, _previous(y, h0, reverse), ws, w_ih, b_ih, b_hh, None, dg, dg, None, dh0, None, H,
-                         need_dx)
+    dx, dweights = weight_grads(cell, x, previous(y, h0, reverse), saved, weights, dg, dg, None, need_dx)
+    return dx, dh0, None, dweights
