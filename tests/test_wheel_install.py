@@ -8,6 +8,7 @@ test of cpp.py's build on first use."""
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_a_wheel_installed_elsewhere_builds_the_cpp_extension_on_first_use(tmp_p
     assert sources and not sources - set(names), f"missing from the wheel: {sorted(sources - set(names))}"
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel], env=env)
-    env = {**env, "PYTHONPATH": str(site), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
-    done = _run([sys.executable, "-c", CHECK, site], env=env, cwd=tmp_path)
+    # python -S: no .pth files, so no editable install of this tree can answer for fusedrnn._cpp; torch and the
+    # rest come from this interpreter's site-packages, named explicitly after the install.
+    paths = [str(site), *dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))]
+    env = {**env, "PYTHONPATH": os.pathsep.join(paths), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    done = _run([sys.executable, "-S", "-c", CHECK, site], env=env, cwd=tmp_path)
     assert "built and ran" in done.stdout
