@@ -25,6 +25,7 @@ from conftest import (
     random_cotangents,
     random_layer_call,
     random_stack_call,
+    random_stack_cotangents,
     rel_err,
     stack_results,
 )
@@ -176,17 +177,11 @@ STACK_CASES = {  # L, T, B, I, H, P, lengths, dropout
 }
 
 
-def stack_cotangents(call):
-    """Random (dys, dh_n, dc_n) for a StackCall."""
-    L, (T, B, _), P = len(call.weights), call.x.shape, call.h0.shape[2]
-    return random_cotangents(call, torch.empty(L, T, B, P, dtype=call.x.dtype))
-
-
 def check_stack(emulated, cell, case, scheme, dtype=torch.float32, need_dx=True):
     L, T, B, I, H, P, lengths, dropout = case
     call = random_stack_call(cell, L, T, B, I, H, P, lengths, dropout)
     with backend_on(emulated, scheme) as backend:
-        check_stack_oracle(backend.stack_forward, backend.stack_backward, call, stack_cotangents(call), dtype, need_dx)
+        check_stack_oracle(backend.stack_forward, backend.stack_backward, call, random_stack_cotangents(call), dtype, need_dx)
     assert emulated.last_scheme() == scheme
 
 
@@ -235,7 +230,7 @@ def test_stack_wavefront_or_layer_by_layer(emulated, monkeypatch, cell, layers, 
         original = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *a, _f=original, **k: by_layers.append(1) or _f(*a, **k))
     call = random_stack_call(cell, layers, 3, 2, 3, H, H, [3, 2], True)
-    cot = stack_cotangents(call)
+    cot = random_stack_cotangents(call)
     want = stack_results(reference.stack_forward, reference.stack_backward, call, cot, torch.float32)
     by_layers.clear()
     with backend_on(emulated, scheme) as backend:
@@ -262,7 +257,7 @@ def test_gemm_stack_by_layers(emulated, cell, dtype):
     P = 4 if cell == "lstm" else 7
     call = random_stack_call(cell, 3, 4, 5, 3, 7, P, [4, 1, 3, 2, 4], True)
     with backend_on(emulated, "gemm") as backend:
-        check_stack_oracle(backend.stack_forward, backend.stack_backward, call, stack_cotangents(call), dtype)
+        check_stack_oracle(backend.stack_forward, backend.stack_backward, call, random_stack_cotangents(call), dtype)
     assert emulated.last_scheme() == "gemm"
 
 
@@ -300,7 +295,7 @@ def test_stack_random_shapes(emulated):
         scheme = rng.choice(["persistent", "per_step"]) if fits else "per_step"
         call = random_stack_call(cell, L, T, B, I, H, P, lengths, rng.random() < 0.6)
         with backend_on(emulated, scheme) as backend:
-            check_stack_oracle(backend.stack_forward, backend.stack_backward, call, stack_cotangents(call), dtype,
+            check_stack_oracle(backend.stack_forward, backend.stack_backward, call, random_stack_cotangents(call), dtype,
                                rng.random() < 0.8)
 
 

@@ -1,5 +1,5 @@
-// What the binding (binding.cpp) sees of the CPU backend: the cell table, the tensors of one call and the cells'
-// entry points. The drivers behind them (forward.h, backward.h) are parsed only by the cell files.
+// What the binding (binding.cpp) sees of the CPU backend: the tensors of one call and the cells' entry points (the
+// cell table: ../cells.h). The drivers behind them (forward.h, backward.h) are parsed only by the cell files.
 //
 // One call runs one layer in one direction over the whole sequence (contract: fusedrnn/reference.py):
 //   x: (T, B, I)  h0: (B, P)  c0: (B, H) lstm only  w_ih: (G*H, I)  w_hh: (G*H, P)  b_ih, b_hh: (G*H,) or absent
@@ -13,18 +13,9 @@
 #include <optional>
 #include <tuple>
 
-namespace fusedrnn::cpu {
+#include "../cells.h"  // the cell table (kLstm, ...), shared with cuda/
 
-// Gates G and saved rows per unit of each cell, the facts fusedrnn/cells.py registers (tests/test_cpp.py pins the
-// two tables to each other through the binding's cell_constants()). saved rows: lstm i, f, g, o, c_t; gru r, z, n,
-// h W_hn^T + b_hn; rnn none (the activation's derivative follows from y).
-struct CellConstants {
-  const char* name;
-  int64_t gates, saved_rows;
-};
-inline constexpr CellConstants kLstm{"lstm", 4, 5}, kGru{"gru", 3, 4};
-inline constexpr CellConstants kRnnTanh{"rnn_tanh", 1, 0}, kRnnRelu{"rnn_relu", 1, 0};
-inline constexpr CellConstants kCells[] = {kLstm, kGru, kRnnTanh, kRnnRelu};
+namespace fusedrnn::cpu {
 
 // The tensors of one call, as in the contract (contiguous); absent ones are undefined.
 struct Layer {

@@ -27,8 +27,9 @@ Layer layer(const at::Tensor& x, const at::Tensor& h0, const Opt& c0, const Weig
 }
 
 void check_cell(const std::string& cell) {
-  TORCH_CHECK_VALUE(cell == "lstm" || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu",
-                    "fusedrnn._cpp: unknown cell '", cell, "'");
+  for (const CellConstants& c : kCells)
+    if (cell == c.name) return;
+  TORCH_CHECK_VALUE(false, "fusedrnn._cpp: unknown cell '", cell, "'");
 }
 
 ForwardOut forward(const std::string& cell, const at::Tensor& x, const at::Tensor& h0, const Opt& c0,
@@ -56,13 +57,6 @@ BackwardOut backward(const std::string& cell, const at::Tensor& x, const at::Ten
   return rnn_backward(l, cot, cell == "rnn_relu");
 }
 
-// {cell: (gates, saved rows)} as api.h states them.
-py::dict cell_constants() {
-  py::dict table;
-  for (const CellConstants& c : kCells) table[c.name] = py::make_tuple(c.gates, c.saved_rows);
-  return table;
-}
-
 // The float32 weight gradients' row blocks [(begin, end), ...] of `rows` rows (blocks.h).
 std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows) {
   std::vector<std::pair<int64_t, int64_t>> blocks;
@@ -80,7 +74,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "empty without save");
   m.def("backward", &backward, "(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx) -> "
         "(dx or None, dh0, dc0, (dw_ih, dw_hh, db_ih, db_hh, dw_hr))");
-  m.def("cell_constants", &cell_constants, "{cell: (gates, saved rows per unit)}");
+  m.def("cell_constants", &fusedrnn::cell_table, "{cell: (gates, saved rows per unit)}: csrc/cells.h");
   m.def("row_blocks", &row_blocks, "the float32 weight gradients' row blocks of `rows` rows: [(begin, end)]");
   m.def("sum_of_outer", &sum_of_outer, "(a (R, M), b (R, N)) -> (M, N): the epilogue's blocked sum of a^T b");
   m.def("cache_sizes", [] { return std::make_pair(cache_sizes().l2, cache_sizes().l3_per_core); },

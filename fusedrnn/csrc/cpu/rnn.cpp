@@ -10,7 +10,7 @@ namespace fusedrnn::cpu {
 
 template <bool Relu>
 struct RnnCell {
-  static constexpr int64_t G = kRnnTanh.gates, kSaved = kRnnTanh.saved_rows;  // rnn_relu's are the same (api.h)
+  static constexpr int64_t G = kRnnTanh.gates, kSaved = kRnnTanh.saved_rows;  // rnn_relu's are the same (../cells.h)
   static constexpr bool kSplitHidden = false;
 
   template <class T>

@@ -9,27 +9,18 @@
 // buffer); everything that is not sequential runs as GEMMs outside: layer 0's input projection gx = x W_ih^T + b_ih
 // before the forward (the binding), and after the backward, from the gate gradients the kernels write, dx, dW_ih,
 // dW_hh, dW_hr and the biases' gradients (fusedrnn/epilogue.py, called by fusedrnn/cuda.py). Shapes below use
-// T steps, B batch rows, H hidden units, P = proj_size or H, G gates and S = saved rows per unit (kCells).
-// "elem" tensors have the layer's dtype (float32, float16 or bfloat16); state buffers are float32. Slot k of a (2, ...) buffer holds the
-// value of the steps s with s % 2 == k as noted per field.
+// T steps, B batch rows, H hidden units, P = proj_size or H, G gates and S = saved rows per unit (../cells.h).
+// "elem" tensors have the layer's dtype (float32, float16 or bfloat16); state buffers are float32. Slot k of a
+// (2, ...) buffer holds the value of the steps s with s % 2 == k as noted per field.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace fusedrnn::cuda {
+#include "../cells.h"  // the cell table (kLstm, ...), shared with cpu/
 
-// Gates G and saved rows per unit of each cell, the facts fusedrnn/cells.py registers (the binding's
-// cell_constants() returns them; tests/test_cuda_emulation.py pins the two tables to each other). saved rows:
-// lstm i, f, g, o, c_t; gru r, z, n, gh_n; rnn none (the activation's derivative follows from y).
-struct CellConstants {
-  const char* name;
-  int gates, saved_rows;
-};
-inline constexpr CellConstants kLstm{"lstm", 4, 5}, kGru{"gru", 3, 4};
-inline constexpr CellConstants kRnnTanh{"rnn_tanh", 1, 0}, kRnnRelu{"rnn_relu", 1, 0};
-inline constexpr CellConstants kCells[] = {kLstm, kGru, kRnnTanh, kRnnRelu};
+namespace fusedrnn::cuda {
 
 enum class Dtype { f32, f16, bf16 };
 // How the recurrence runs: one cooperative launch per sequence with the weights held in shared memory,

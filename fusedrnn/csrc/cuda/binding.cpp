@@ -8,7 +8,7 @@
 //          the weights' gradients (fusedrnn/cuda.py calls it), and the initial states' gradients
 //   forward / backward: the same for one layer-direction (the stack of one layer, without the leading L)
 //   fits_on_chip(cell, x, H, P, layers, proj, backward) -> whether such a stack would run persistent
-//   cell_constants() -> {cell: (gates, saved rows per unit)} (api.h's kCells, pinned to fusedrnn/cells.py by tests)
+//   cell_constants() -> {cell: (gates, saved rows per unit)} (csrc/cells.h, pinned to fusedrnn/cells.py by tests)
 //   last_scheme() -> "persistent" | "per_step" | "gemm": what the last call ran
 //   max_layers: the deepest stack per call
 //
@@ -462,13 +462,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   return {dgx[0], first_of(dgh), first_of(dhy), dh0[0], first_of(dc0)};
 }
 
-// {cell: (gates, saved rows per unit)} as api.h states them.
-py::dict cell_constants() {
-  py::dict table;
-  for (const CellConstants& c : kCells) table[c.name] = py::make_tuple(c.gates, c.saved_rows);
-  return table;
-}
-
 }  // namespace
 }  // namespace fusedrnn::cuda
 
@@ -480,7 +473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack_forward", &stack_forward, "a unidirectional stack's forward as one wavefront");
   m.def("stack_backward", &stack_backward, "its BPTT, one wavefront in reverse, up to the epilogue");
   m.def("fits_on_chip", &fits_on_chip, "whether a stack of this shape would run persistent");
-  m.def("cell_constants", &cell_constants, "{cell: (gates, saved rows per unit)}");
+  m.def("cell_constants", &fusedrnn::cell_table, "{cell: (gates, saved rows per unit)}: csrc/cells.h");
   m.def("last_scheme", [] { return last_scheme_name; }, "scheme of the last kernel run");
   m.attr("max_layers") = kMaxLayers;
 }
