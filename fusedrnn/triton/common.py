@@ -343,22 +343,22 @@ def launch_options(dtype, capability):
     return {"num_warps": 4, "maxnreg": registers, **({} if pipelined else {"num_stages": 1})}
 
 
-def split(x, H, P, mode):
+def split(x, H, P, cell):
     """Whether the split variant runs this layer (x: (T, B, I)): VARIANT when it forces one, else the planner's
     choice between the two variants' models on x's device."""
     if VARIANT not in VARIANTS:
         raise ValueError(f"FUSEDRNN_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
     if VARIANT != "auto":
         return VARIANT == "split"
-    return _split_planned(mode, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
+    return _split_planned(cell, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
 
 
 @functools.lru_cache(maxsize=4096)
-def _split_planned(mode, T, B, I, H, P, dtype, device, allow_tf32):
+def _split_planned(cell, T, B, I, H, P, dtype, device, allow_tf32):
     """The planner's choice between the two variants (cached: a call is latency-bound, the model is not free)."""
     from .. import planner
 
-    shape = planner.Shape.of(mode, T, B, I, H, P, 1, dtype, allow_tf32)
+    shape = planner.Shape.of(cell, T, B, I, H, P, 1, dtype, allow_tf32)
     device = planner.Device.of(device)
     return planner.step_us("triton_split", shape, device) < planner.step_us("triton", shape, device)
 
