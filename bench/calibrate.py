@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from bench.run import device_name, git, package_version
+from bench.provenance import device_name, git, package_version
 from bench.timing import Schedule, time_interleaved
 from fusedrnn import planner
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 import torch
 
 import fusedrnn
-from bench.run import cpu_model, git
+from bench.provenance import cpu_model, git
 from bench.timing import rotated, summarize
 from fusedrnn import cpp
 

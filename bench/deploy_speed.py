@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 import torch
 
 import fusedrnn
-from bench.run import device_name, git, package_version
+from bench.provenance import device_name, git, package_version
 from bench.timing import Schedule, time_interleaved
 
 SHAPES = {  # name -> [(cell, T, B, I, H, layers)]

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 import torch
 
 import fusedrnn
-from bench.run import device_name, git, package_version
+from bench.provenance import device_name, git, package_version
 from bench.timing import Schedule, time_interleaved
 from fusedrnn import modules
 
