@@ -3,7 +3,7 @@
     python bench/cpu_profile.py                     # book model (T=35 B=32 I=28 H=256, 2 layers), all cells
     python bench/cpu_profile.py --cells lstm --repeats 60 --json bench/results/cpp_book.json
 
-Interleaved timing of fwd+bwd training steps (rounds rotate the order, as bench/timing.py does), same
+Interleaved timing of fwd+bwd training steps (bench/timing.py: rounds rotate the order), same
 weights and inputs; optionally a torch.profiler breakdown of one cpp step, and the op layer's own overhead
 (fusedrnn.ops.layer_forward vs calling the backend directly). Prints a table; --json writes the numbers
 with the machine, versions and commit.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,22 +27,17 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-import fusedrnn
-from bench.provenance import cpu_model, git
-from bench.timing import rotated, summarize
+from bench.measure import book_shape, fused_twin, torch_rnn
+from bench.provenance import provenance
+from bench.timing import HostClock, Schedule, time_interleaved
 from fusedrnn import cpp
-
-CLASSES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"})}
 
 
 def models(cell, shape, dtype):
     """(torch.nn model, fusedrnn cpp model) with the same weights. shape = (T, B, I, H, L)."""
     _, _, inp, hidden, layers = shape
-    name, extra = CLASSES[cell]
-    base = getattr(torch.nn, name)(inp, hidden, layers, dtype=dtype, **extra)
-    fused = getattr(fusedrnn, name)(inp, hidden, layers, dtype=dtype, backend="cpp", **extra)
-    fused.load_state_dict(base.state_dict())
-    return base, fused
+    base = torch_rnn(cell, inp, hidden, layers, dtype=dtype)
+    return base, fused_twin(base, "cpp")
 
 
 def train_step(model, x, grad):
@@ -55,19 +49,7 @@ def train_step(model, x, grad):
     return step
 
 
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-
-
-def time_rounds(cases, repeats, clock, warmup=3):
-    """{name: Stats} of per-call times (ms) over interleaved rounds, each round in a rotated order."""
-    samples = {name: [] for name in cases}
-    for r in range(warmup + repeats):
-        for name in rotated(list(cases), r):
-            start = clock()
-            cases[name]()
-            if r >= warmup:
-                samples[name].append((clock() - start) * 1e3)
-    return {name: summarize(values) for name, values in samples.items()}
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
 def profile_breakdown(model, step):
@@ -105,7 +87,7 @@ def op_overhead_us(shape, dtype, repeats=200):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", default="lstm,gru,rnn_tanh")
-    parser.add_argument("--shape", default="35,32,28,256,2", help="T,B,I,H,layers")
+    parser.add_argument("--shape", default=",".join(map(str, book_shape()[1:])), help="T,B,I,H,layers")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler breakdown")
@@ -122,7 +104,8 @@ def main(argv=None):
         x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
         grad = torch.randn(T, B, H, dtype=dtype)
         cases = {"torch.nn": train_step(base, x, grad), "cpp": train_step(fused, x, grad)}
-        stats = time_rounds(cases, args.repeats, CLOCKS[args.clock])
+        schedule = Schedule(warmup=3, min_repeats=args.repeats, max_repeats=args.repeats, budget_s=0.0)
+        stats = time_interleaved(cases, torch.device("cpu"), schedule, HostClock(CLOCKS[args.clock]))
         ratio = stats["torch.nn"].median_ms / stats["cpp"].median_ms
         row = {"cell": cell, "shape": shape, "torch_nn_ms": stats["torch.nn"].median_ms,
                "cpp_ms": stats["cpp"].median_ms, "speedup": ratio,
@@ -136,9 +119,8 @@ def main(argv=None):
     overhead, direct = op_overhead_us(shape, dtype)
     print(f"op layer overhead per layer_forward call: {overhead:.1f} us (backend call alone {direct:.1f} us)")
     if args.json:
-        meta = {"device": f"{cpu_model()} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
-                "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "clock": args.clock, "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+        meta = {**provenance(torch.device("cpu")), "timer": f"host {CLOCKS[args.clock].__name__}",
+                "clock": args.clock, "threads": torch.get_num_threads(),
                 "op_overhead_us": overhead}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
 

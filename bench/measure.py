@@ -34,6 +34,11 @@ DTYPES = {
 BOOK = {"cell": "lstm", "seq_len": 35, "batch": 32, "input_size": 28, "hidden": 256, "layers": 2}
 
 
+def book_shape(cell: str = "lstm") -> tuple:
+    """The book's model as (cell, T, B, I, H, layers), for another cell if asked."""
+    return (cell, *(BOOK[k] for k in ("seq_len", "batch", "input_size", "hidden", "layers")))
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One benchmark shape; x: (seq_len, batch, input_size), h: (layers, batch, hidden). pass_ is a PASSES name
@@ -115,10 +120,11 @@ def sweep_points(sweep: Sweep, input_size: int | None) -> list[Point]:
 # ---------------------------------------------------------------------------------------- modules
 
 
-def torch_rnn(cell: str, input_size: int, hidden: int, layers: int, **kwargs) -> torch.nn.Module:
-    """torch.nn's module for cell (a fusedrnn.cells name); kwargs go to its constructor (device, dtype, ...)."""
+def torch_rnn(cell: str, *args, **kwargs) -> torch.nn.Module:
+    """torch.nn's module for cell (a fusedrnn.cells name); args and kwargs go to its constructor (input_size,
+    hidden_size, num_layers, device, dtype, ...)."""
     spec = CELLS[cell]
-    return spec.nn_class(input_size, hidden, layers, **spec.nn_kwargs, **kwargs)
+    return spec.nn_class(*args, **spec.nn_kwargs, **kwargs)
 
 
 def fused_twin(module: torch.nn.Module, backend: str) -> torch.nn.Module:

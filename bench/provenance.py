@@ -50,7 +50,8 @@ def timer(device: torch.device) -> str:
 
 
 def provenance(device: torch.device) -> dict:
-    """The fields every result file starts its metadata with; each script adds its own."""
+    """The fields every result file starts its metadata with; each script adds its own. FUSEDRNN_COMMIT names
+    the commit where the checkout has no .git (bench/gpu_check.sh on the device machine)."""
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_name(device),
@@ -61,7 +62,7 @@ def provenance(device: torch.device) -> dict:
         "triton": package_version("triton"),
         "fusedrnn": package_version("fusedrnn"),
         "platform": platform.platform(),
-        "git_commit": git("rev-parse", "HEAD") or "none (no commit yet)",
+        "git_commit": os.environ.get("FUSEDRNN_COMMIT") or git("rev-parse", "HEAD") or "none (no commit yet)",
         "git_dirty": bool(git("status", "--porcelain")),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine skews the numbers
         "timer": timer(device),
