@@ -141,23 +141,24 @@ def test_cpu_peak_memory_sees_a_large_temporary():
 def test_stack_vs_layers_times_both_paths(tmp_path, monkeypatch):
     """bench/stack_vs_layers.py: every shape and pass gets the three candidates, and "layers" really runs
     the stack layer by layer (no stack op call), "stack" in one call."""
+    from bench import candidates
     from bench import stack_vs_layers as svl
     from fusedrnn import ops
 
     assert svl.main(["--device", "cpu", "--backend", "reference", "--shapes", "tiny", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("stack_vs_layers_*.json")
     rows = json.loads(path.read_text())["results"]
-    expected = [(s[0], mode, c) for s in svl.SHAPES["tiny"] for mode in ("train", "inference")
+    expected = [(s[0], pass_, c) for s in svl.SHAPES["tiny"] for pass_ in ("inference", "train")
                 for c in ("stack", "layers", "torch.nn")]
-    assert [(r["cell"], r["mode"], r["candidate"]) for r in rows] == expected
+    assert [(r["cell"], r["pass"], r["candidate"]) for r in rows] == expected
     calls = []
     original = ops.stack_forward
     monkeypatch.setattr(ops, "stack_forward", lambda *a: calls.append(1) or original(*a))
-    models = svl.candidates("gru", (3, 2, 3, 4, 2), "reference", "cpu")
+    models = svl.candidates("gru", 3, 4, 2, "reference", torch.device("cpu"))
     x = torch.randn(3, 2, 3)
     for name, expected_calls in (("layers", 0), ("stack", 1)):
         calls.clear()
-        svl.step(*models[name], x, train=True)()
+        candidates.step(models[name], x, train=True)()
         assert len(calls) == expected_calls, name
 
 
