@@ -40,7 +40,7 @@ from bench.measure import book_shape
 from bench.provenance import provenance
 from bench.timing import Schedule, time_interleaved
 from fusedrnn import planner
-from fusedrnn.cells import gates
+from fusedrnn.cells import CELLS, LayerWeights
 
 SCHEDULE = Schedule(warmup=2, min_repeats=5, max_repeats=30, budget_s=0.15)
 TINY = ("lstm", 256, 1, 32, 32, "float32")  # cell, T, B, I, H, dtype: a step with no work in it
@@ -68,15 +68,18 @@ def _median_ms(fns, device):
 
 
 def _layer_inputs(cell, T, B, I, H, dtype, device):
-    G = gates(cell)
+    """A backend forward's arguments after the cell: x: (T, B, I), h0: (B, H), c0: (B, H) or None, LayerWeights
+    (W_ih: (G*H, I), W_hh: (G*H, H), both biases, no projection), lengths None, reverse False."""
+    G = CELLS[cell].gates
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    c0 = rand(B, H) if cell == "lstm" else None
-    return (rand(T, B, I), rand(B, H), c0, rand(G * H, I, scale=I**-0.5), rand(G * H, H, scale=H**-0.5),
-            rand(G * H), rand(G * H), None, None, False)
+    x, h0 = rand(T, B, I), rand(B, H)
+    c0 = rand(B, H) if CELLS[cell].has_c else None
+    weights = LayerWeights(rand(G * H, I, scale=I**-0.5), rand(G * H, H, scale=H**-0.5), rand(G * H), rand(G * H))
+    return x, h0, c0, weights, None, False
 
 
 def _switched(switch, value, forward, cell, inputs):

@@ -31,6 +31,7 @@ from bench.measure import book_shape, fused_twin, torch_rnn
 from bench.provenance import provenance
 from bench.timing import HostClock, Schedule, time_interleaved
 from fusedrnn import cpp
+from fusedrnn.cells import LayerWeights
 
 
 def models(cell, shape, dtype):
@@ -61,27 +62,18 @@ def profile_breakdown(model, step):
     return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:8]]
 
 
-def op_overhead_us(shape, dtype, repeats=200):
-    """Median us of fusedrnn.ops.layer_forward minus the backend's forward, on a tiny layer."""
+def op_overhead_us(dtype, repeats=200):
+    """Median us of fusedrnn.ops.layer_forward minus the backend's forward (interleaved), on a tiny rnn_tanh layer:
+    x: (2, 1, 4), h0: (1, 4), W_ih, W_hh: (4, 4), no biases. Returns (overhead, the backend call alone)."""
     from fusedrnn import ops
 
     x, h0 = torch.randn(2, 1, 4, dtype=dtype), torch.randn(1, 4, dtype=dtype)
-    w_ih, w_hh = torch.randn(4, 4, dtype=dtype), torch.randn(4, 4, dtype=dtype)
-    args = (x, h0, None, w_ih, w_hh, None, None, None, None, "rnn_tanh", False)
-
-    def median(fn):
-        for _ in range(20):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return sorted(samples)[len(samples) // 2] * 1e6
-
-    direct = median(lambda: cpp.forward(args[-2], *args[:-2], args[-1]))
-    through_op = median(lambda: ops.layer_forward(*args, "cpp"))
-    return through_op - direct, direct
+    weights = LayerWeights(torch.randn(4, 4, dtype=dtype), torch.randn(4, 4, dtype=dtype))
+    calls = {"direct": lambda: cpp.forward("rnn_tanh", x, h0, None, weights, None, False),
+             "op": lambda: ops.layer_forward(x, h0, None, *weights, None, "rnn_tanh", False, "cpp")}  # fmt: skip
+    schedule = Schedule(warmup=20, min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
+    us = {name: s.median_ms * 1e3 for name, s in time_interleaved(calls, torch.device("cpu"), schedule).items()}
+    return us["op"] - us["direct"], us["direct"]
 
 
 def main(argv=None):
@@ -116,7 +108,7 @@ def main(argv=None):
             for name, ms, count in profile_breakdown(fused, cases["cpp"]):
                 print(f"    {name:45s} {ms:8.2f} ms  x{count}")
         results.append(row)
-    overhead, direct = op_overhead_us(shape, dtype)
+    overhead, direct = op_overhead_us(dtype)
     print(f"op layer overhead per layer_forward call: {overhead:.1f} us (backend call alone {direct:.1f} us)")
     if args.json:
         meta = {**provenance(torch.device("cpu")), "timer": f"host {CLOCKS[args.clock].__name__}",
