@@ -36,9 +36,11 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from bench.run import device_name, git, package_version
+from bench.measure import book_shape
+from bench.provenance import provenance
 from bench.timing import Schedule, time_interleaved
 from fusedrnn import planner
+from fusedrnn.cells import CELLS, LayerWeights
 
 SCHEDULE = Schedule(warmup=2, min_repeats=5, max_repeats=30, budget_s=0.15)
 TINY = ("lstm", 256, 1, 32, 32, "float32")  # cell, T, B, I, H, dtype: a step with no work in it
@@ -66,15 +68,30 @@ def _median_ms(fns, device):
 
 
 def _layer_inputs(cell, T, B, I, H, dtype, device):
-    G = planner.GATES[cell]
+    """A backend forward's arguments after the cell: x: (T, B, I), h0: (B, H), c0: (B, H) or None, LayerWeights
+    (W_ih: (G*H, I), W_hh: (G*H, H), both biases, no projection), lengths None, reverse False."""
+    G = CELLS[cell].gates
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    c0 = rand(B, H) if cell == "lstm" else None
-    return (rand(T, B, I), rand(B, H), c0, rand(G * H, I, scale=I**-0.5), rand(G * H, H, scale=H**-0.5),
-            rand(G * H), rand(G * H), None, None, False)
+    x, h0 = rand(T, B, I), rand(B, H)
+    c0 = rand(B, H) if CELLS[cell].has_c else None
+    weights = LayerWeights(rand(G * H, I, scale=I**-0.5), rand(G * H, H, scale=H**-0.5), rand(G * H), rand(G * H))
+    return x, h0, c0, weights, None, False
+
+
+def _switched(switch, value, forward, cell, inputs):
+    """A no_grad forward of one layer with switch = (module, attribute) set to value first: a scheme or variant."""
+    module, attribute = switch
+
+    def call():
+        setattr(module, attribute, value)
+        with torch.no_grad():
+            forward(cell, *inputs, save=False)
+
+    return call
 
 
 def _forward_fns(cell, T, B, I, H, dtype, device, with_triton):
@@ -82,31 +99,15 @@ def _forward_fns(cell, T, B, I, H, dtype, device, with_triton):
     from fusedrnn import cuda
 
     inputs = _layer_inputs(cell, T, B, I, H, dtype, device)
-
-    def run(scheme):
-        def call():
-            cuda.SCHEME = scheme
-            with torch.no_grad():
-                cuda.forward(cell, *inputs, save=False)
-
-        return call
-
-    fns = {s: run(s) for s in planner.SCHEMES}
+    fns = {s: _switched((cuda, "SCHEME"), s, cuda.forward, cell, inputs) for s in planner.SCHEMES}
     if not cuda._fits_on_chip(cell, dtype, device, H, H, 1, False, False):
         del fns["persistent"]
     if with_triton:
         from fusedrnn import triton as triton_backend
         from fusedrnn.triton import common
 
-        def triton_run(variant):
-            def call():
-                common.VARIANT = variant
-                with torch.no_grad():
-                    triton_backend.forward(cell, *inputs, save=False)
-
-            return call
-
-        fns.update({name: triton_run(variant) for name, variant in planner.TRITON_VARIANTS.items()})
+        fns.update({name: _switched((common, "VARIANT"), variant, triton_backend.forward, cell, inputs)
+                    for name, variant in planner.TRITON_VARIANTS.items()})  # fmt: skip
     return fns
 
 
@@ -201,7 +202,7 @@ def table(points, constants, dev):
     return "\n".join(lines)
 
 
-BOOK = ("lstm", 35, 32, 28, 256, 2, "float32")  # cell, T, B, I, H, L, dtype
+BOOK = (*book_shape(), "float32")  # cell, T, B, I, H, L, dtype
 CORNERS = [("lstm", T, B, H, H, L, dt) for dt in ("float32", "bfloat16") for L in (1, 2) for T in (35, 256)
            for B in (1, 256) for H in (128, 1024)]
 COLUMNS = ("persistent", "per_step", "gemm", "triton", "triton_split", "wavefront-persistent", "wavefront-per_step")
@@ -238,10 +239,8 @@ def main(argv=None):
     now = datetime.datetime.now().astimezone()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = Log(args.out_dir / f"calibrate_{now:%Y%m%d-%H%M%S}.jsonl")
-    log.row(kind="meta", date=now.isoformat(timespec="seconds"), device=device_name(device), sms=dev.sms,
-            smem_per_block=dev.smem_per_block, l2_bytes=dev.l2_bytes, torch=torch.__version__, cuda=torch.version.cuda,
-            fusedrnn=package_version("fusedrnn"), git_commit=git("rev-parse", "HEAD"), constants=planner.CONSTANTS,
-            allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    meta = log.row(kind="meta", **provenance(device), sms=dev.sms, smem_per_block=dev.smem_per_block,
+                   l2_bytes=dev.l2_bytes, constants=planner.CONSTANTS, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     l2, gemm = measure_primitives(log, device, dev)
     tiny = measure_point(log, device, dev, *TINY, with_triton=True)
     points = []
@@ -253,7 +252,7 @@ def main(argv=None):
         points.append(measure_point(log, device, dev, cell, T, B, I, H, dtype_name, with_triton))
     constants = fit_constants(tiny, points, l2, gemm, dev)
     log.row(kind="constants", constants=constants, elapsed_s=time.monotonic() - start)
-    print(f"{device_name(device)}, {now:%Y-%m-%d %H:%M %Z}, {time.monotonic() - start:.0f} s -> {log.path}")
+    print(f"{meta['device']}, {now:%Y-%m-%d %H:%M %Z}, {time.monotonic() - start:.0f} s -> {log.path}")
     print(table([tiny, *points], constants, dev))
     print("put back in fusedrnn/planner.py:\nCONSTANTS = " + json.dumps(constants, indent=4))
     return 0

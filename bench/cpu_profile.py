@@ -3,7 +3,7 @@
     python bench/cpu_profile.py                     # book model (T=35 B=32 I=28 H=256, 2 layers), all cells
     python bench/cpu_profile.py --cells lstm --repeats 60 --json bench/results/cpp_book.json
 
-Interleaved timing of fwd+bwd training steps (rounds rotate the order, as bench/timing.py does), same
+Interleaved timing of fwd+bwd training steps (bench/timing.py: rounds rotate the order), same
 weights and inputs; optionally a torch.profiler breakdown of one cpp step, and the op layer's own overhead
 (fusedrnn.ops.layer_forward vs calling the backend directly). Prints a table; --json writes the numbers
 with the machine, versions and commit.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,22 +27,18 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-import fusedrnn
-from bench.run import cpu_model, git
-from bench.timing import rotated, summarize
+from bench.measure import book_shape, fused_twin, torch_rnn
+from bench.provenance import provenance
+from bench.timing import HostClock, Schedule, time_interleaved
 from fusedrnn import cpp
-
-CLASSES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"})}
+from fusedrnn.cells import LayerWeights
 
 
 def models(cell, shape, dtype):
     """(torch.nn model, fusedrnn cpp model) with the same weights. shape = (T, B, I, H, L)."""
     _, _, inp, hidden, layers = shape
-    name, extra = CLASSES[cell]
-    base = getattr(torch.nn, name)(inp, hidden, layers, dtype=dtype, **extra)
-    fused = getattr(fusedrnn, name)(inp, hidden, layers, dtype=dtype, backend="cpp", **extra)
-    fused.load_state_dict(base.state_dict())
-    return base, fused
+    base = torch_rnn(cell, inp, hidden, layers, dtype=dtype)
+    return base, fused_twin(base, "cpp")
 
 
 def train_step(model, x, grad):
@@ -55,19 +50,7 @@ def train_step(model, x, grad):
     return step
 
 
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-
-
-def time_rounds(cases, repeats, clock, warmup=3):
-    """{name: Stats} of per-call times (ms) over interleaved rounds, each round in a rotated order."""
-    samples = {name: [] for name in cases}
-    for r in range(warmup + repeats):
-        for name in rotated(list(cases), r):
-            start = clock()
-            cases[name]()
-            if r >= warmup:
-                samples[name].append((clock() - start) * 1e3)
-    return {name: summarize(values) for name, values in samples.items()}
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
 def profile_breakdown(model, step):
@@ -79,33 +62,24 @@ def profile_breakdown(model, step):
     return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:8]]
 
 
-def op_overhead_us(shape, dtype, repeats=200):
-    """Median us of fusedrnn.ops.layer_forward minus the backend's forward, on a tiny layer."""
+def op_overhead_us(dtype, repeats=200):
+    """Median us of fusedrnn.ops.layer_forward minus the backend's forward (interleaved), on a tiny rnn_tanh layer:
+    x: (2, 1, 4), h0: (1, 4), W_ih, W_hh: (4, 4), no biases. Returns (overhead, the backend call alone)."""
     from fusedrnn import ops
 
     x, h0 = torch.randn(2, 1, 4, dtype=dtype), torch.randn(1, 4, dtype=dtype)
-    w_ih, w_hh = torch.randn(4, 4, dtype=dtype), torch.randn(4, 4, dtype=dtype)
-    args = (x, h0, None, w_ih, w_hh, None, None, None, None, "rnn_tanh", False)
-
-    def median(fn):
-        for _ in range(20):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return sorted(samples)[len(samples) // 2] * 1e6
-
-    direct = median(lambda: cpp.forward(args[-2], *args[:-2], args[-1]))
-    through_op = median(lambda: ops.layer_forward(*args, "cpp"))
-    return through_op - direct, direct
+    weights = LayerWeights(torch.randn(4, 4, dtype=dtype), torch.randn(4, 4, dtype=dtype))
+    calls = {"direct": lambda: cpp.forward("rnn_tanh", x, h0, None, weights, None, False),
+             "op": lambda: ops.layer_forward(x, h0, None, *weights, None, "rnn_tanh", False, "cpp")}  # fmt: skip
+    schedule = Schedule(warmup=20, min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
+    us = {name: s.median_ms * 1e3 for name, s in time_interleaved(calls, torch.device("cpu"), schedule).items()}
+    return us["op"] - us["direct"], us["direct"]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", default="lstm,gru,rnn_tanh")
-    parser.add_argument("--shape", default="35,32,28,256,2", help="T,B,I,H,layers")
+    parser.add_argument("--shape", default=",".join(map(str, book_shape()[1:])), help="T,B,I,H,layers")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler breakdown")
@@ -122,7 +96,8 @@ def main(argv=None):
         x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
         grad = torch.randn(T, B, H, dtype=dtype)
         cases = {"torch.nn": train_step(base, x, grad), "cpp": train_step(fused, x, grad)}
-        stats = time_rounds(cases, args.repeats, CLOCKS[args.clock])
+        schedule = Schedule(warmup=3, min_repeats=args.repeats, max_repeats=args.repeats, budget_s=0.0)
+        stats = time_interleaved(cases, torch.device("cpu"), schedule, HostClock(CLOCKS[args.clock]))
         ratio = stats["torch.nn"].median_ms / stats["cpp"].median_ms
         row = {"cell": cell, "shape": shape, "torch_nn_ms": stats["torch.nn"].median_ms,
                "cpp_ms": stats["cpp"].median_ms, "speedup": ratio,
@@ -133,12 +108,11 @@ def main(argv=None):
             for name, ms, count in profile_breakdown(fused, cases["cpp"]):
                 print(f"    {name:45s} {ms:8.2f} ms  x{count}")
         results.append(row)
-    overhead, direct = op_overhead_us(shape, dtype)
+    overhead, direct = op_overhead_us(dtype)
     print(f"op layer overhead per layer_forward call: {overhead:.1f} us (backend call alone {direct:.1f} us)")
     if args.json:
-        meta = {"device": f"{cpu_model()} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
-                "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "clock": args.clock, "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+        meta = {**provenance(torch.device("cpu")), "timer": f"host {CLOCKS[args.clock].__name__}",
+                "clock": args.clock, "threads": torch.get_num_threads(),
                 "op_overhead_us": overhead}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
 

@@ -17,17 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import fusedrnn
+from bench.measure import fused_twin, torch_rnn
 from fusedrnn import cuda
+from fusedrnn.cells import CELL_NAMES
 from fusedrnn.triton import common as triton_common
-
-CLASSES = {"lstm": (fusedrnn.LSTM, {}), "gru": (fusedrnn.GRU, {}), "rnn_tanh": (fusedrnn.RNN, {"nonlinearity": "tanh"}),
-           "rnn_relu": (fusedrnn.RNN, {"nonlinearity": "relu"})}
 
 
 def _model(cell, backend, dtype=torch.float32, **kwargs):
-    cls, extra = CLASSES[cell]
-    return cls(5, 6, backend=backend, device="cuda", dtype=dtype, **extra, **kwargs)
+    """A fused I=5, H=6 model of cell running backend on the GPU; kwargs go to torch.nn's constructor."""
+    return fused_twin(torch_rnn(cell, 5, 6, device="cuda", dtype=dtype, **kwargs), backend)
 
 
 def _forward_backward(model, x, packed):
@@ -89,14 +87,14 @@ def memcheck():
     step, the lstm with projection and the gru (the other cells share their per-step code paths); gemm, every
     cell's layer (forward and the backward's one-launch phases), the lstm with projection (the separate outs and
     units phases) and a stack (layer by layer, dropout between)."""
-    for cell in CLASSES:
+    for cell in CELL_NAMES:
         for stack in (False, True):
             sanitize_case(cell, "persistent", stack)
     sanitize_case("lstm", "persistent", False, proj_size=3)
     for stack in (False, True):
         sanitize_case("lstm", "per_step", stack, proj_size=3)
         sanitize_case("gru", "per_step", stack)
-    for cell in CLASSES:
+    for cell in CELL_NAMES:
         sanitize_case(cell, "gemm", False)
     sanitize_case("lstm", "gemm", False, proj_size=3)
     sanitize_case("lstm", "gemm", True)

@@ -1,6 +1,6 @@
 """PNG chart of speed-up over torch.nn against batch size and hidden size.
 
-One row of panels per (dtype, mode); the left panel varies the batch at the largest hidden size,
+One row of panels per (dtype, pass); the left panel varies the batch at the largest hidden size,
 the right one varies the hidden size at the largest batch (sequence length and layers at their
 largest swept values, the book's model left out). One line per (cell, backend); y = 1 is torch.nn.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusedrnn.cells import CELL_NAMES
+
 AXES = (("batch", "hidden"), ("hidden", "batch"))  # (x axis, dimension held at its largest value)
-COLORS = {"lstm": "tab:blue", "gru": "tab:orange", "rnn_tanh": "tab:green", "rnn_relu": "tab:red"}
 STYLES = {"reference": ":", "cpp": "-", "triton": "--", "cuda": "-", "auto": "-."}
 MARKERS = {"reference": "x", "cpp": "o", "triton": "s", "cuda": "^", "auto": "d"}
 
@@ -30,7 +31,8 @@ def _series(rows: list[dict], x: str, held: str) -> dict[tuple[str, str], list[t
 
 
 def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
-    """Draw the fused backends' speed-ups in rows (dicts of bench/run.py's Row) into path."""
+    """Draw the fused backends' speed-ups in rows (bench/report.py's records) into path; one colour per cell
+    (matplotlib's cycle in registry order), one line style and marker per backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -39,10 +41,10 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
 
     grid = [r for r in rows if r["tag"] != "book"]
     usable = [r for r in grid if r["status"] == "ok" and r["speedup"] and r["backend"] != "torch.nn"]
-    groups = sorted({(r["dtype"], r["mode"]) for r in grid})
+    groups = sorted({(r["dtype"], r["pass"]) for r in grid})
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.8 * len(groups)), squeeze=False)
-    for (dtype, mode), panels in zip(groups, axes):
-        group = [r for r in usable if r["dtype"] == dtype and r["mode"] == mode]
+    for (dtype, pass_), panels in zip(groups, axes):
+        group = [r for r in usable if r["dtype"] == dtype and r["pass"] == pass_]
         for ax, (x, held) in zip(panels, AXES):
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
@@ -55,13 +57,13 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
             ax.set_xlabel(x)
             ax.set_ylabel("speed-up vs torch.nn")
             if not group:
-                ax.set_title(f"{dtype} {mode}: no fused backend ran")
+                ax.set_title(f"{dtype} {pass_}: no fused backend ran")
                 continue
-            ax.set_title(f"{dtype} {mode}, {held}={_largest(group, held)}, T={_largest(group, 'seq_len')}, "
+            ax.set_title(f"{dtype} {pass_}, {held}={_largest(group, held)}, T={_largest(group, 'seq_len')}, "
                          f"L={_largest(group, 'layers')}", fontsize=9)  # fmt: skip
             for (cell, backend), points in sorted(_series(group, x, held).items()):
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, color=COLORS[cell], linestyle=STYLES[backend], marker=MARKERS[backend],
+                ax.plot(xs, ys, color=f"C{CELL_NAMES.index(cell)}", linestyle=STYLES[backend], marker=MARKERS[backend],
                         label=f"{cell} / {backend}")  # fmt: skip
                 ax.set_xticks(sorted({r[x] for r in group}))
             ax.legend(fontsize=7)

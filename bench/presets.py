@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.timing import Schedule
+from fusedrnn.cells import CELL_NAMES
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# What one timed call of a point runs (a "pass"; the package's word for lstm / gru / ... is "cell").
 # inference: one forward under no_grad; train: forward + backward; decode: DECODE_CALLS forwards of seq_len steps
 # each under no_grad, the state of one call the initial state of the next.
-MODES = ("inference", "train", "decode")
+PASSES = ("inference", "train", "decode")
 DECODE_CALLS = 100
 
 
@@ -34,7 +35,7 @@ class Sweep:
     seq_len: tuple[int, ...]
     layers: tuple[int, ...]
     dtypes: tuple[str, ...]
-    modes: tuple[str, ...] = ("inference", "train")
+    passes: tuple[str, ...] = ("inference", "train")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Preset:
     backends: tuple[str, ...] | None = None  # the fusedrnn backends it times (None: every one for the device)
 
 
-_SMOKE = Sweep(CELLS, batch=(2,), hidden=(16,), seq_len=(5,), layers=(1,), dtypes=("float32",))
+_SMOKE = Sweep(CELL_NAMES, batch=(2,), hidden=(16,), seq_len=(5,), layers=(1,), dtypes=("float32",))
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -54,10 +55,10 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         sweeps={
             "cpu": Sweep(
-                CELLS, batch=(1, 8, 32), hidden=(64, 256), seq_len=(35,), layers=(1,), dtypes=("float32",)
+                CELL_NAMES, batch=(1, 8, 32), hidden=(64, 256), seq_len=(35,), layers=(1,), dtypes=("float32",)
             ),
             "cuda": Sweep(
-                CELLS,
+                CELL_NAMES,
                 batch=(16, 64, 256),
                 hidden=(256, 512, 1024),
                 seq_len=(35,),
@@ -70,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(
         sweeps={
             "cpu": Sweep(
-                CELLS,
+                CELL_NAMES,
                 batch=(1, 8, 32, 128),
                 hidden=(64, 128, 256, 512),
                 seq_len=(35, 128),
@@ -78,7 +79,7 @@ PRESETS: dict[str, Preset] = {
                 dtypes=("float32",),
             ),
             "cuda": Sweep(
-                CELLS,
+                CELL_NAMES,
                 batch=(1, 16, 64, 256, 1024),
                 hidden=(128, 256, 512, 1024, 2048),
                 seq_len=(35, 256),
@@ -107,7 +108,7 @@ PRESETS: dict[str, Preset] = {
                 seq_len=(1, 2, 8),
                 layers=(1, 2),
                 dtypes=("float32",),
-                modes=("decode",),
+                passes=("decode",),
             )
             for device in ("cpu", "cuda")
         },

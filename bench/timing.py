@@ -87,13 +87,18 @@ def repeats_for(estimate_ms: float, schedule: Schedule) -> int:
 
 
 class HostClock:
-    """Times a synchronous call with the host monotonic clock."""
+    """Times a synchronous call with a host clock in ns: the monotonic wall clock, or another such as
+    time.thread_time_ns (the calling thread's CPU time: on a shared, overloaded machine it counts only the work,
+    not the time the process was descheduled)."""
+
+    def __init__(self, now_ns: Callable[[], int] = time.perf_counter_ns):
+        self.now_ns = now_ns
 
     def start(self) -> int:
-        return time.perf_counter_ns()
+        return self.now_ns()
 
     def stop(self, started: int) -> Callable[[], float]:
-        elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+        elapsed_ms = (self.now_ns() - started) / 1e6
         return lambda: elapsed_ms
 
     def settle(self) -> None:
@@ -143,16 +148,16 @@ def _run_rounds(fns: Mapping[str, Callable[[], object]], rounds: int, clock) -> 
 
 
 def time_interleaved(
-    fns: Mapping[str, Callable[[], object]], device: torch.device, schedule: Schedule
+    fns: Mapping[str, Callable[[], object]], device: torch.device, schedule: Schedule, clock=None
 ) -> dict[str, Stats]:
-    """Warm up, then time every fn in fns over the same interleaved rounds.
+    """Warm up, then time every fn in fns over the same interleaved rounds, with clock (default: the device's).
 
     The number of timed rounds comes from the last warm-up round (the first ones may compile or
     allocate caches): enough to spend schedule.budget_s, within [min_repeats, max_repeats].
     """
     if not fns:
         return {}
-    clock = clock_for(device)
+    clock = clock or clock_for(device)
     warm = _run_rounds(fns, max(schedule.warmup, 1), clock)
     estimate_ms = sum(samples[-1] for samples in warm.values())
     timed = _run_rounds(fns, repeats_for(estimate_ms, schedule), clock)

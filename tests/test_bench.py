@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from bench import run, timing
+from bench import measure, run, timing
 from bench.presets import Sweep
 
 
@@ -26,13 +26,13 @@ def run_cli(tmp_path, *options):
 def test_smoke_preset_reports_every_point_and_backend(tmp_path, capsys):
     code, rows, meta = run_cli(tmp_path, "--preset", "smoke", "--strict")
     assert code == 0  # --strict: no backend errored (n/a is allowed)
-    points = run.sweep_points(run.PRESETS["smoke"].sweeps["cpu"], None)
-    backends = ("torch.nn", *run.FUSED_BACKENDS["cpu"])
-    assert [(r["cell"], r["mode"], r["batch"], r["hidden"], r["backend"]) for r in rows] == [
-        (p.cell, p.mode, p.batch, p.hidden, b) for p in points for b in backends
+    points = measure.sweep_points(run.PRESETS["smoke"].sweeps["cpu"], None)
+    backends = ("torch.nn", *measure.FUSED_BACKENDS["cpu"])
+    assert [(r["cell"], r["pass"], r["batch"], r["hidden"], r["backend"]) for r in rows] == [
+        (p.cell, p.pass_, p.batch, p.hidden, b) for p in points for b in backends
     ]
-    book = {(r["mode"], r["seq_len"], r["batch"], r["input_size"], r["hidden"], r["layers"]) for r in rows if r["tag"]}
-    assert book == {(mode, 35, 32, 28, 256, 2) for mode in ("inference", "train")}
+    book = {(r["pass"], r["seq_len"], r["batch"], r["input_size"], r["hidden"], r["layers"]) for r in rows if r["tag"]}
+    assert book == {(pass_, 35, 32, 28, 256, 2) for pass_ in ("inference", "train")}
     for r in rows:
         assert r["status"] == "ok" or r["status"].startswith("n/a: "), r["status"]
         if r["status"] == "ok":
@@ -52,7 +52,7 @@ def test_smoke_preset_reports_every_point_and_backend(tmp_path, capsys):
 
 def test_unavailable_backend_is_a_row_not_dropped(tmp_path):
     code, rows, _ = run_cli(
-        tmp_path, "--preset", "smoke", "--cells", "rnn_tanh", "--modes", "inference", "--backends", "cuda", "--no-plot"
+        tmp_path, "--preset", "smoke", "--cells", "rnn_tanh", "--passes", "inference", "--backends", "cuda", "--no-plot"
     )
     assert code == 0
     assert [r["backend"] for r in rows] == ["torch.nn", "cuda"] * 2  # the book's model, then the grid point
@@ -63,14 +63,14 @@ def test_unavailable_backend_is_a_row_not_dropped(tmp_path):
 def test_a_backend_that_did_not_run_is_an_error():
     module = types.SimpleNamespace(last_backend="reference")
     with pytest.raises(RuntimeError, match="asked for 'cpp' but 'reference' ran"):
-        run.ran_backend(module, "cpp")
-    assert run.ran_backend(module, "auto") == "reference"
+        measure.ran_backend(module, "cpp")
+    assert measure.ran_backend(module, "auto") == "reference"
 
 
 def test_book_model_is_included_once():
     sweep = Sweep(("lstm", "gru"), batch=(32,), hidden=(256,), seq_len=(35,), layers=(2,), dtypes=("float32",),
-                  modes=("train",))  # fmt: skip
-    points = run.sweep_points(sweep, input_size=28)
+                  passes=("train",))  # fmt: skip
+    points = measure.sweep_points(sweep, input_size=28)
     assert [(p.cell, p.tag) for p in points] == [("lstm", "book"), ("gru", "")]
 
 
@@ -80,7 +80,8 @@ BAD_OPTIONS = [
     ["--seq-len", ","],
     ["--cells", "lstm,lstmx"],
     ["--dtypes", "float8"],
-    ["--modes", "eval"],
+    ["--passes", "eval"],
+    ["--modes", "train"],  # the old name of --passes
     ["--backends", "cudnn"],
     ["--preset", "huge"],
     ["--device", "tpu"],
@@ -140,36 +141,37 @@ def test_cpu_peak_memory_sees_a_large_temporary():
 def test_stack_vs_layers_times_both_paths(tmp_path, monkeypatch):
     """bench/stack_vs_layers.py: every shape and pass gets the three candidates, and "layers" really runs
     the stack layer by layer (no stack op call), "stack" in one call."""
+    from bench import candidates
     from bench import stack_vs_layers as svl
     from fusedrnn import ops
 
     assert svl.main(["--device", "cpu", "--backend", "reference", "--shapes", "tiny", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("stack_vs_layers_*.json")
     rows = json.loads(path.read_text())["results"]
-    expected = [(s[0], mode, c) for s in svl.SHAPES["tiny"] for mode in ("train", "inference")
+    expected = [(s[0], pass_, c) for s in svl.SHAPES["tiny"] for pass_ in ("inference", "train")
                 for c in ("stack", "layers", "torch.nn")]
-    assert [(r["cell"], r["mode"], r["candidate"]) for r in rows] == expected
+    assert [(r["cell"], r["pass"], r["candidate"]) for r in rows] == expected
     calls = []
     original = ops.stack_forward
     monkeypatch.setattr(ops, "stack_forward", lambda *a: calls.append(1) or original(*a))
-    models = svl.candidates("gru", (3, 2, 3, 4, 2), "reference", "cpu")
+    models = svl.candidates("gru", 3, 4, 2, "reference", torch.device("cpu"))
     x = torch.randn(3, 2, 3)
     for name, expected_calls in (("layers", 0), ("stack", 1)):
         calls.clear()
-        svl.step(*models[name], x, train=True)()
+        candidates.step(models[name], x, train=True)()
         assert len(calls) == expected_calls, name
 
 
 KILLED_AFTER_TWO_POINTS = """
 import os, signal, sys
-from bench import run
-measure, seen = run.measure_point, []
+from bench import measure, run
+measure_point, seen = measure.measure_point, []
 def measure_then_die(point, config):
     if len(seen) == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # as a time limit's kill would: no handler, no cleanup
     seen.append(point)
-    return measure(point, config)
-run.measure_point = measure_then_die
+    return measure_point(point, config)
+measure.measure_point = measure_then_die
 run.main(sys.argv[1:])
 """
 
@@ -188,7 +190,7 @@ def test_rows_measured_before_a_kill_are_on_disk(tmp_path):
     assert done.returncode == -9, done.stderr[-2000:]
     (json_path,) = tmp_path.glob("*.json")
     data = json.loads(json_path.read_text())
-    backends = 1 + len(run.FUSED_BACKENDS["cpu"])
+    backends = 1 + len(measure.FUSED_BACKENDS["cpu"])
     assert data["complete"] is False and len(data["results"]) == 2 * backends
     assert data["meta"]["device"] and all(r["status"] for r in data["results"])
     with next(tmp_path.glob("*.csv")).open() as f:
@@ -196,7 +198,7 @@ def test_rows_measured_before_a_kill_are_on_disk(tmp_path):
 
 
 def test_a_finished_run_is_marked_complete(tmp_path):
-    run_cli(tmp_path, "--preset", "smoke", "--cells", "gru", "--modes", "inference", "--no-plot")
+    run_cli(tmp_path, "--preset", "smoke", "--cells", "gru", "--passes", "inference", "--no-plot")
     (json_path,) = tmp_path.glob("*.json")
     assert json.loads(json_path.read_text())["complete"] is True
     assert not list(tmp_path.glob("*.partial"))
@@ -207,7 +209,7 @@ def test_gpu_lease_preset_is_the_trimmed_cuda_sweep(capsys):
     (no reference), CUDA only (on the CPU a one-line error)."""
     preset = run.PRESETS["gpu-lease"]
     assert preset.backends == ("cuda", "triton") and set(preset.sweeps) == {"cuda"}
-    points = run.sweep_points(preset.sweeps["cuda"], None)
+    points = measure.sweep_points(preset.sweeps["cuda"], None)
     assert len(points) == 20 and {p.dtype for p in points} == {"float32", "bfloat16"}
     assert sum(p.tag == "book" for p in points) == 4
     with pytest.raises(SystemExit):

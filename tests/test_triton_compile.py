@@ -23,37 +23,38 @@ from pathlib import Path
 import pytest
 
 H = 256  # hidden units: the launchers' GPU tile sizes (the caps), not the tiny test sizes
-# (mode, dtype, proj_size or 0, optional inputs and reverse on, arch, allow_tf32)
+ARCHS = (90, 80)  # the register budget and pipelining differ between them (common.launch_options)
+# (cell, dtype, proj_size or 0, optional inputs and reverse on, arch, allow_tf32)
 CASES = [
-    *[(mode, dtype, 128 if mode == "lstm" else 0, True, 90, False)
-      for dtype in ("float32", "float16", "bfloat16") for mode in ("lstm", "gru", "rnn_relu")],
-    *[(mode, "float32", 0, False, 90, False) for mode in ("lstm", "rnn_tanh")],
-    ("lstm", "float32", 128, True, 90, True),
-    ("lstm", "float32", 100, True, 90, False),  # P not a multiple of 16: unspecialized strides (spilled once)
-    *[(mode, "bfloat16", 128 if mode == "lstm" else 0, True, 80, False) for mode in ("lstm", "gru", "rnn_relu")],
+    *[(cell, dtype, 128 if cell == "lstm" else 0, True, arch, False)
+      for arch in ARCHS for dtype in ("float32", "float16", "bfloat16") for cell in ("lstm", "gru", "rnn_relu")],
+    *[(cell, "float32", 0, False, arch, False) for arch in ARCHS for cell in ("lstm", "rnn_tanh")],
+    *[("lstm", "float32", 128, True, arch, True) for arch in ARCHS],
+    # P not a multiple of 16: unspecialized strides (spilled once)
+    *[("lstm", "float32", 100, True, arch, False) for arch in ARCHS],
 ]
 _POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64": "*i64"}
 
 
-def _layer_call(mode, dtype, P, full):
+def _layer_call(cell, dtype, P, full):
     """Arguments of one backend call (reference.py's contract) at GPU-sized H; values are irrelevant."""
     import torch
 
-    from fusedrnn.reference import GATES
+    from fusedrnn.cells import CELLS, LayerWeights
 
-    T, B, I, G = 2, 3, 5, GATES[mode]
+    T, B, I, G = 2, 3, 5, CELLS[cell].gates
     P = P or H
 
     def z(*shape):
         return torch.zeros(shape, dtype=getattr(torch, dtype))
 
-    lstm = mode == "lstm"
-    return (mode, z(T, B, I), z(B, P), z(B, H) if lstm else None, z(G * H, I), z(G * H, P),
-            z(G * H) if full else None, z(G * H) if full else None, z(P, H) if P != H else None,
-            torch.full((B,), T) if full else None, full)
+    weights = LayerWeights(z(G * H, I), z(G * H, P), z(G * H) if full else None, z(G * H) if full else None,
+                           z(P, H) if P != H else None)
+    c0 = z(B, H) if CELLS[cell].has_c else None
+    return (cell, z(T, B, I), z(B, P), c0, weights, torch.full((B,), T) if full else None, full)
 
 
-def _compile_case(mode, dtype, P, full, arch, tf32):
+def _compile_case(cell, dtype, P, full, arch, tf32):
     """Record the launches of one layer's forward and backward and compile each for sm_<arch>."""
     import torch
     import triton
@@ -68,9 +69,9 @@ def _compile_case(mode, dtype, P, full, arch, tf32):
     common.launch = lambda kernel, x, H, args, phases, split, **flags: launches.append(
         (kernel, (*args, 0, x.shape[0], 1, H), {**common.tuning(x, H), **flags}, options))
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    call = _layer_call(mode, dtype, P, full)
-    y, h_n, c_n, ws = backend.forward(*call)
-    backend.backward(*call, y, ws, torch.zeros_like(y), h_n, c_n)
+    call = _layer_call(cell, dtype, P, full)
+    y, h_n, c_n, saved = backend.forward(*call)
+    backend.backward(*call, y, saved, torch.zeros_like(y), h_n, c_n)
     report = []
     for kernel, args, constexprs, compile_options in launches:
         signature = {name: _POINTER_TYPES[str(a.dtype).removeprefix("torch.")] if torch.is_tensor(a) else "i32"
@@ -79,7 +80,7 @@ def _compile_case(mode, dtype, P, full, arch, tf32):
         attrs = _jit_attrs([None if name in kernel.do_not_specialize else a for name, a in zip(kernel.arg_names, args)])
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=compile_options)
-        report.append(dict(kernel=kernel.fn.__name__, case=[mode, dtype, P, full, arch, tf32],
+        report.append(dict(kernel=kernel.fn.__name__, case=[cell, dtype, P, full, arch, tf32],
                            precision=constexprs["PRECISION"], mma="mma" in compiled.asm["ptx"],
                            scalar_half_loads=len(re.findall(r"ld\.global(\.\w+)*\.b16\b", compiled.asm["ptx"])),
                            cubin_bytes=len(compiled.asm["cubin"]), shared=compiled.metadata.shared,

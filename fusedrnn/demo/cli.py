@@ -17,7 +17,7 @@ import torch
 
 from .. import backend
 from . import data
-from .model import CELLS, CharLM, make_rnn
+from .model import DEMO_CELLS, CharLM, class_name, make_rnn
 from .plot import plot_perplexity, supported_formats
 from .train import timed_predictions, train
 
@@ -50,7 +50,7 @@ def positive(kind):
 
 def build_parser():
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--cell", choices=CELLS, default="lstm", help="recurrent cell (default: lstm)")
+    p.add_argument("--cell", choices=DEMO_CELLS, default="lstm", help="recurrent cell (default: lstm)")
     p.add_argument("--layers", type=positive(int), default=2, help="stacked layers (default: 2)")
     p.add_argument("--hidden", type=positive(int), default=256, help="hidden units per layer (default: 256)")
     p.add_argument("--epochs", type=positive(int), default=500, help="passes over the corpus (default: 500)")
@@ -182,7 +182,7 @@ def prepare_model(args, vocab_size, device):
     try:
         net = build_model(args, vocab_size, fused=True)
     except (RuntimeError, ValueError) as err:
-        raise DemoError(f"cannot build fusedrnn.{CELLS[args.cell]}: {first_line(err)}") from None
+        raise DemoError(f"cannot build fusedrnn.{class_name(args.cell)}: {first_line(err)}") from None
     if args.load:
         load_checkpoint(net, args.load, describe(args))
     initial_state = copy.deepcopy(net.state_dict())
@@ -194,7 +194,7 @@ def print_setup(args, vocab_size, num_tokens, backend, device):
     order = "random" if args.random_iter else "sequential"
     print(f"Time Machine: {vocab_size}-token vocabulary, {num_tokens:,} tokens, {order} minibatches of "
           f"{args.batch_size} x {args.num_steps}")
-    print(f"fusedrnn.{CELLS[args.cell]}({vocab_size}, {args.hidden}, num_layers={args.layers}) + "
+    print(f"fusedrnn.{class_name(args.cell)}({vocab_size}, {args.hidden}, num_layers={args.layers}) + "
           f"Linear({args.hidden}, {vocab_size}), backend {backend}, on {device}; SGD lr {args.lr:g}, "
           f"gradient norm clipped to 1, {args.epochs} epochs", flush=True)
 
@@ -212,12 +212,12 @@ def run(args):
         loader = data.BatchLoader(corpus, args.batch_size, args.num_steps, args.random_iter, seed=args.seed)
         return label, train(model, loader, args.epochs, args.lr, device, args.random_iter, desc=label)
 
-    runs = [fit(net, f"fusedrnn.{CELLS[args.cell]} [{backend}]")]
+    runs = [fit(net, f"fusedrnn.{class_name(args.cell)} [{backend}]")]
     texts, generation = timed_predictions(net, PREFIXES, NUM_PREDS, vocab, device)
     if args.compare:
         baseline = build_model(args, len(vocab), fused=False)
         baseline.load_state_dict(initial_state)
-        runs.append(fit(baseline.to(device), f"torch.nn.{CELLS[args.cell]}"))
+        runs.append(fit(baseline.to(device), f"torch.nn.{class_name(args.cell)}"))
         _, baseline_generation = timed_predictions(baseline, PREFIXES, NUM_PREDS, vocab, device)
         print_comparison(*runs[0], *runs[1], (generation, baseline_generation))
     if args.save:

@@ -7,15 +7,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+from ..cells import CELLS, cell_of
+from ..convert import convert
+
+DEMO_CELLS = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}  # --cell (the book's names) -> fusedrnn.cells name
+
+
+def class_name(cell):
+    """The class name of the demo's `cell` in torch.nn and fusedrnn: LSTM, GRU, RNN."""
+    return CELLS[DEMO_CELLS[cell]].nn_class.__name__
 
 
 def make_rnn(cell, input_size, hidden_size, num_layers, fused=True, backend="auto"):
-    """fusedrnn.<CELL> running `backend` when `fused`, else the torch.nn class (sequence-first)."""
+    """The demo's `cell` as fusedrnn's module running `backend` when `fused`, else torch.nn's (sequence-first);
+    the same weights either way from the same seed (fusedrnn.convert keeps torch.nn's initialisation)."""
+    spec = CELLS[DEMO_CELLS[cell]]
+    rnn = spec.nn_class(input_size, hidden_size, num_layers, **spec.nn_kwargs)
     if not fused:
-        return getattr(nn, CELLS[cell])(input_size, hidden_size, num_layers)
-    import fusedrnn
-    return getattr(fusedrnn, CELLS[cell])(input_size, hidden_size, num_layers, backend=backend)
+        return rnn
+    return convert(rnn, backend)
 
 
 class CharLM(nn.Module):
@@ -39,4 +49,4 @@ class CharLM(nn.Module):
     def begin_state(self, batch_size, device):
         """Zero state: (L, B, H), or (h, c) for an LSTM."""
         zeros = torch.zeros(self.rnn.num_layers, batch_size, self.rnn.hidden_size, device=device)
-        return (zeros, zeros.clone()) if isinstance(self.rnn, nn.LSTM) else zeros
+        return (zeros, zeros.clone()) if CELLS[cell_of(self.rnn)].has_c else zeros

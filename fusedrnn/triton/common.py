@@ -322,31 +322,43 @@ def tuning(x, H):
 
 
 def launch_options(dtype, capability):
-    """Compiler options of a launch on a GPU of compute `capability` (major, minor). Software pipelining of the
-    reduction loops (Triton's default 3 stages) stays only for half precision on sm_90: elsewhere the extra
-    stages of operand tiles spilled registers (cubin resource usage: the float32 LSTM kernels 8-80 bytes on
-    sm_90 where H or P is not a multiple of 16, the half GRU forward 16 bytes on sm_80), local-memory traffic
-    on every step; with one stage none of the kernels spills (tests/test_triton_compile.py)."""
+    """Compiler options of a launch on a GPU of compute `capability` (major, minor). Both keep every kernel free
+    of spills (no stack in the cubin: tests/test_triton_compile.py, under the newest triton and 3.6.0):
+
+    - Software pipelining of the reduction loops (Triton's default 3 stages) stays only for half precision on
+      sm_90: elsewhere the extra stages of operand tiles spilled registers (the float32 LSTM kernels 8-80 bytes
+      on sm_90 where H or P is not a multiple of 16, the half GRU forward 16 bytes on sm_80).
+    - A register budget (maxnreg: ptxas's .maxnreg): 128 per thread from sm_90 on, 168 on sm_80. Without one, ptxas
+      picks a budget from its own occupancy heuristic and spills to meet it: triton 3.6.0's ptxas (12.8) held
+      four float32 forward kernels for sm_90 at 64-80 registers with 8-16 bytes of stack (the lengths or per-row
+      base pointers, loop invariants, stored once and reloaded from local memory every step), and the same PTX
+      given .minnctapersm 1 (no occupancy goal) needs no stack; on sm_80 the LSTM forward kept 8 bytes at 128.
+      The budgets are the largest that still fit 4 (sm_90) or 3 (sm_80) programs of 4 warps on an SM (64K
+      registers): with 96 (5 per SM) the LSTM forward spills on sm_90, with 128 on sm_80. The persistent variant
+      runs B/16 programs, one per SM up to B = 16 x SMs, so the budget costs it nothing there; the split variant
+      loses resident programs only where it has more than 4 (3) per SM (B/16 x H/32 programs > 528 on an H100),
+      a cost only a GPU can weigh against the spill's."""
     pipelined = dtype != torch.float32 and capability >= (9, 0)
-    return {"num_warps": 4} if pipelined else {"num_warps": 4, "num_stages": 1}
+    registers = 128 if capability >= (9, 0) else 168
+    return {"num_warps": 4, "maxnreg": registers, **({} if pipelined else {"num_stages": 1})}
 
 
-def split(x, H, P, mode):
+def split(x, H, P, cell):
     """Whether the split variant runs this layer (x: (T, B, I)): VARIANT when it forces one, else the planner's
     choice between the two variants' models on x's device."""
     if VARIANT not in VARIANTS:
         raise ValueError(f"FUSEDRNN_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
     if VARIANT != "auto":
         return VARIANT == "split"
-    return _split_planned(mode, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
+    return _split_planned(cell, *x.shape, H, P, x.dtype, x.device, torch.backends.cuda.matmul.allow_tf32)
 
 
 @functools.lru_cache(maxsize=4096)
-def _split_planned(mode, T, B, I, H, P, dtype, device, allow_tf32):
+def _split_planned(cell, T, B, I, H, P, dtype, device, allow_tf32):
     """The planner's choice between the two variants (cached: a call is latency-bound, the model is not free)."""
     from .. import planner
 
-    shape = planner.Shape.of(mode, T, B, I, H, P, 1, dtype, allow_tf32)
+    shape = planner.Shape.of(cell, T, B, I, H, P, 1, dtype, allow_tf32)
     device = planner.Device.of(device)
     return planner.step_us("triton_split", shape, device) < planner.step_us("triton", shape, device)
 

@@ -13,7 +13,7 @@ Backward, in reverse time (dh carried in fp32):
 Per step the forward has one phase over H tiles; the backward three (dh_t, gate grads, dh_{t-1}),
 separated by tl.debug_barrier() because each reads rows that other threads of the program wrote.
 
-Saved for backward: ws (T, B, 4H), x's dtype, the reference backend's layout: r, z, n and Bh_n.
+Saved for backward: saved (T, B, 4H), x's dtype, every backend's layout (cells.py): r, z, n and Bh_n.
 y doubles as the h sequence. No output aliases an input or another output.
 """
 
@@ -49,7 +49,7 @@ def gru_forward_kernel(
     b_hh_ptr,  # (3H,), read only if HAS_BIAS
     len_ptr,  # (B,) int64, read only if HAS_LENGTHS
     y_ptr,  # out (T, B, H): h_t (held)
-    ws_ptr,  # out (T, B, 4H): r, z, n, Bh_n
+    saved_ptr,  # out (T, B, 4H): r, z, n, Bh_n
     T, B, H,
     s_begin, s_end, phases, span,  # steps, phases (UNITS) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
@@ -59,7 +59,7 @@ def gru_forward_kernel(
     for s in range(s_begin, s_end):
         t, valid, h_prev = forward_step(s, T, B, H, lens, row_ok, h0_ptr, y_ptr, REVERSE)
         gx_t = gx_ptr + t * B * 3 * H
-        ws_t = ws_ptr + t * B * 4 * H
+        saved_t = saved_ptr + t * B * 4 * H
         lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
@@ -74,17 +74,17 @@ def gru_forward_kernel(
             z = sigmoid(load_tile(gx_t + H, 3 * H, rows, row_ok, cols, col_ok) + bh_z)
             n = tanh(load_tile(gx_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok) + r * bh_n)
             h_old = load_tile(h_prev, H, rows, row_ok, cols, col_ok)
-            store_tile(ws_t, 4 * H, rows, row_ok, cols, col_ok, r)
-            store_tile(ws_t + H, 4 * H, rows, row_ok, cols, col_ok, z)
-            store_tile(ws_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok, n)
-            store_tile(ws_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok, bh_n)
+            store_tile(saved_t, 4 * H, rows, row_ok, cols, col_ok, r)
+            store_tile(saved_t + H, 4 * H, rows, row_ok, cols, col_ok, z)
+            store_tile(saved_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok, n)
+            store_tile(saved_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok, bh_n)
             store_held(y_ptr + t * B * H, h_prev, H, rows, row_ok, cols, col_ok, valid, n + z * (h_old - n))
         tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=STEP_RANGE)
 def gru_backward_kernel(
-    ws_ptr,  # (T, B, 4H) from the forward
+    saved_ptr,  # (T, B, 4H) from the forward
     h0_ptr,  # (B, H)
     y_ptr,  # (T, B, H) from the forward
     w_hh_ptr,  # (3H, H)
@@ -104,7 +104,7 @@ def gru_backward_kernel(
         k, t, valid = backward_step(s, T, B, H, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dht_ptr, phases, span,
                                     False, REVERSE, BLOCK_N)
         keep = valid[:, None]
-        ws_t = ws_ptr + t * B * 4 * H
+        saved_t = saved_ptr + t * B * 4 * H
         dgx_t = dgx_ptr + t * B * 3 * H
         dgh_t = dgh_ptr + t * B * 3 * H
         h_prev = tl.where(k == 0, h0_ptr, y_ptr + time_index(k - 1, T, REVERSE) * B * H)
@@ -113,10 +113,10 @@ def gru_backward_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             dh = load_tile(dht_ptr, H, rows, row_ok, cols, col_ok)
-            r = load_tile(ws_t, 4 * H, rows, row_ok, cols, col_ok)
-            z = load_tile(ws_t + H, 4 * H, rows, row_ok, cols, col_ok)
-            n = load_tile(ws_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok)
-            bh_n = load_tile(ws_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok)
+            r = load_tile(saved_t, 4 * H, rows, row_ok, cols, col_ok)
+            z = load_tile(saved_t + H, 4 * H, rows, row_ok, cols, col_ok)
+            n = load_tile(saved_t + 2 * H, 4 * H, rows, row_ok, cols, col_ok)
+            bh_n = load_tile(saved_t + 3 * H, 4 * H, rows, row_ok, cols, col_ok)
             h_old = load_tile(h_prev, H, rows, row_ok, cols, col_ok)
             dn = dh * ((1.0 - z) * (1.0 - n * n))  # bounded factors first, as in lstm.py
             dz = tl.where(keep, dh * (z * (1.0 - z)) * (h_old - n), 0.0)
@@ -129,7 +129,7 @@ def gru_backward_kernel(
             store_tile(dgx_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok, dn)
             store_tile(dgh_t + 2 * H, 3 * H, rows, row_ok, cols, col_ok, dn * r)
         tl.debug_barrier()
-        carry_hidden_grad(dgh_t, 3 * H, w_hh_ptr, dht_ptr, ws_t + H, 4 * H, dh_buf_ptr + ((s + 1) % 2) * B * H,
+        carry_hidden_grad(dgh_t, 3 * H, w_hh_ptr, dht_ptr, saved_t + H, 4 * H, dh_buf_ptr + ((s + 1) % 2) * B * H,
                           valid, rows, row_ok, H, span, phases, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 

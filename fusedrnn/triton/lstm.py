@@ -57,9 +57,9 @@ def lstm_forward_kernel(
     w_hr_ptr,  # (P, H), read only if HAS_PROJ
     len_ptr,  # (B,) int64, read only if HAS_LENGTHS
     y_ptr,  # out (T, B, P): h_t (held)
-    ws_ptr,  # out (T, B, 5H): i, f, g, o, c_t (held)
+    saved_ptr,  # out (T, B, 5H): i, f, g, o, c_t (held)
     c_buf_ptr,  # (2, B, H) fp32 ping-pong cell state; plane 0 holds c0
-    r_buf_ptr,  # (B, H) x's dtype: o tanh(c_t) of the current step, only if HAS_PROJ
+    cell_out_ptr,  # (B, H) x's dtype: o tanh(c_t) of the current step, only if HAS_PROJ
     T, B, H, P,
     s_begin, s_end, phases, span,  # steps, phases (UNITS, OUTS) and units per program: see common.launch
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr,
@@ -72,7 +72,7 @@ def lstm_forward_kernel(
         c_prev = c_buf_ptr + (s % 2) * B * H
         c_next = c_buf_ptr + ((s + 1) % 2) * B * H
         gx_t = gx_ptr + t * B * 4 * H
-        ws_t = ws_ptr + t * B * 5 * H
+        saved_t = saved_ptr + t * B * 5 * H
         y_t = y_ptr + t * B * P
         lo, hi = own_range(H, span, phases, UNITS, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
@@ -90,14 +90,14 @@ def lstm_forward_kernel(
             c_new = f * c_old + i * g
             c = tl.where(keep, c_new, c_old)
             store_tile(c_next, H, rows, row_ok, cols, col_ok, c)
-            store_tile(ws_t, 5 * H, rows, row_ok, cols, col_ok, i)
-            store_tile(ws_t + H, 5 * H, rows, row_ok, cols, col_ok, f)
-            store_tile(ws_t + 2 * H, 5 * H, rows, row_ok, cols, col_ok, g)
-            store_tile(ws_t + 3 * H, 5 * H, rows, row_ok, cols, col_ok, o)
-            store_tile(ws_t + 4 * H, 5 * H, rows, row_ok, cols, col_ok, c)
+            store_tile(saved_t, 5 * H, rows, row_ok, cols, col_ok, i)
+            store_tile(saved_t + H, 5 * H, rows, row_ok, cols, col_ok, f)
+            store_tile(saved_t + 2 * H, 5 * H, rows, row_ok, cols, col_ok, g)
+            store_tile(saved_t + 3 * H, 5 * H, rows, row_ok, cols, col_ok, o)
+            store_tile(saved_t + 4 * H, 5 * H, rows, row_ok, cols, col_ok, c)
             out = o * tanh(c_new)
             if HAS_PROJ:
-                store_tile(r_buf_ptr, H, rows, row_ok, cols, col_ok, out)
+                store_tile(cell_out_ptr, H, rows, row_ok, cols, col_ok, out)
             else:
                 store_held(y_t, h_prev, P, rows, row_ok, cols, col_ok, valid, out)
         tl.debug_barrier()
@@ -106,7 +106,7 @@ def lstm_forward_kernel(
             for p0 in range(lo, hi, BLOCK_N):
                 cols = p0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < P
-                h_new = tile_matmul(r_buf_ptr, H, w_hr_ptr, 1, H, rows, row_ok, cols, col_ok, H,
+                h_new = tile_matmul(cell_out_ptr, H, w_hr_ptr, 1, H, rows, row_ok, cols, col_ok, H,
                                     PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 store_held(y_t, h_prev, P, rows, row_ok, cols, col_ok, valid, h_new)
             tl.debug_barrier()
@@ -114,7 +114,7 @@ def lstm_forward_kernel(
 
 @triton.jit(do_not_specialize=STEP_RANGE)
 def lstm_backward_kernel(
-    ws_ptr,  # (T, B, 5H) from the forward
+    saved_ptr,  # (T, B, 5H) from the forward
     c0_ptr,  # (B, H)
     w_hh_ptr,  # (4H, P)
     w_hr_ptr,  # (P, H), read only if HAS_PROJ
@@ -135,9 +135,9 @@ def lstm_backward_kernel(
         k, t, valid = backward_step(s, T, B, P, lens, rows, row_ok, dh_buf_ptr, dy_ptr, dht_ptr, dhy_ptr, phases, span,
                                     HAS_PROJ, REVERSE, BLOCK_N)
         keep = valid[:, None]
-        ws_t = ws_ptr + t * B * 5 * H
+        saved_t = saved_ptr + t * B * 5 * H
         dg_t = dg_ptr + t * B * 4 * H
-        c_prev = tl.where(k == 0, c0_ptr, ws_ptr + time_index(k - 1, T, REVERSE) * B * 5 * H + 4 * H)
+        c_prev = tl.where(k == 0, c0_ptr, saved_ptr + time_index(k - 1, T, REVERSE) * B * 5 * H + 4 * H)
         c_prev_stride = tl.where(k == 0, H, 5 * H)
         dc_in = dc_buf_ptr + (s % 2) * B * H
         dc_out = dc_buf_ptr + ((s + 1) % 2) * B * H
@@ -150,11 +150,11 @@ def lstm_backward_kernel(
                                  PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
             else:
                 dr = load_tile(dht_ptr, P, rows, row_ok, cols, col_ok)
-            i = load_tile(ws_t, 5 * H, rows, row_ok, cols, col_ok)
-            f = load_tile(ws_t + H, 5 * H, rows, row_ok, cols, col_ok)
-            g = load_tile(ws_t + 2 * H, 5 * H, rows, row_ok, cols, col_ok)
-            o = load_tile(ws_t + 3 * H, 5 * H, rows, row_ok, cols, col_ok)
-            tc = tanh(load_tile(ws_t + 4 * H, 5 * H, rows, row_ok, cols, col_ok))
+            i = load_tile(saved_t, 5 * H, rows, row_ok, cols, col_ok)
+            f = load_tile(saved_t + H, 5 * H, rows, row_ok, cols, col_ok)
+            g = load_tile(saved_t + 2 * H, 5 * H, rows, row_ok, cols, col_ok)
+            o = load_tile(saved_t + 3 * H, 5 * H, rows, row_ok, cols, col_ok)
+            tc = tanh(load_tile(saved_t + 4 * H, 5 * H, rows, row_ok, cols, col_ok))
             dc = load_tile(dc_in, H, rows, row_ok, cols, col_ok)
             dct = dc + dr * (o * (1.0 - tc * tc))
             c_old = load_tile(c_prev, c_prev_stride, rows, row_ok, cols, col_ok)

@@ -11,7 +11,7 @@ Backward, in reverse time (dh carried in fp32):
 Per step the forward has one phase over H tiles; the backward three (dh_t, dG, dh_{t-1}), separated by
 tl.debug_barrier() because each reads rows that other threads of the program wrote.
 
-Saved for backward: ws (T, B, 0), as in the reference: act' follows from y, which doubles as the h sequence.
+Saved for backward: saved (T, B, 0), as in every backend: act' follows from y, which doubles as the h sequence.
 No output aliases an input or another output.
 """
 

@@ -7,7 +7,7 @@
 # "cpp" backend load that build, and runs the tests that exercise it. The first sanitizer report stops the
 # run with a non-zero exit status.
 #
-# Usage: bench/asan_cpu.sh [pytest arguments]    default: the cpp cases of the CPU test files
+# Usage: .ci/asan_cpu.sh [pytest arguments]    default: the cpp cases of the CPU test files
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch=$(mktemp -d)
