@@ -103,11 +103,33 @@ def require(backend, device, dtype, cell):
 @pytest.fixture
 def backend(request):
     """The backend name a test is parametrised with (``on_backends``, or indirect=["backend"]), skipped with the
-    backend's own reason where it cannot run the test's ``device``, ``dtype`` and ``cell`` parameters (cpu,
-    float32 and lstm where the test has none; a test that runs other cases calls ``require`` for them)."""
+    backend's own reason where it cannot run the test's ``device``, ``dtype`` and ``cell`` parameters (where the
+    test has none: cuda if it is marked gpu, else cpu; float32; lstm. A test that runs other cases calls
+    ``require`` for them)."""
     params = request.node.callspec.params
-    require(request.param, params.get("device", "cpu"), params.get("dtype", torch.float32), params.get("cell", "lstm"))
+    device = params.get("device", "cuda" if request.node.get_closest_marker("gpu") else "cpu")
+    require(request.param, device, params.get("dtype", torch.float32), params.get("cell", "lstm"))
     return request.param
+
+
+TRITON_VARIANTS = ("persistent", "split")  # fusedrnn/triton/common.py's VARIANTS, less "auto" (which picks one)
+
+
+def force_triton_variant(monkeypatch, name):
+    """Make the Triton kernels run variant ``name`` for the test: one launch looping over all steps, or per-step
+    launches of each phase over (batch tile x unit tile) programs."""
+    from fusedrnn.triton import common
+
+    monkeypatch.setattr(common, "VARIANT", name)
+
+
+@pytest.fixture
+def triton_variant(request, monkeypatch):
+    """The Triton variant a test is parametrised with (indirect), forced for it; None leaves the default."""
+    name = getattr(request, "param", None)
+    if name is not None:
+        force_triton_variant(monkeypatch, name)
+    return name
 
 
 # ---- building matching models ---------------------------------------------------------------------------

@@ -7,12 +7,7 @@ raises a RuntimeError that says so, as torch's own nondeterministic ops do, or r
 
 import pytest
 import torch
-from conftest import CELLS, make_pair, random_hx, random_input, run_model
-
-import fusedrnn
-from fusedrnn import backend as backends
-
-CPU_BACKENDS = fusedrnn.available_backends("cpu")
+from conftest import CELLS, make_pair, on_backends, random_hx, random_input, run_model
 
 
 @pytest.fixture
@@ -40,24 +35,16 @@ def _assert_bitwise_equal(first, second):
             assert torch.equal(a, b), f"{kind}[{i}] differs between two identical runs"
 
 
-def _require(backend, device, cell):
-    reason = backends._reason(backend, device, torch.float32, cell)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run {cell} on {device}: {reason}")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_bitwise_identical_twice(backend, cell):
-    _require(backend, "cpu", cell)
     model, x, hx = _problem(backend, cell)
     _assert_bitwise_equal(run_model(model, x, hx), run_model(model, x, hx))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cpu_deterministic_mode_runs_unchanged(backend, cell, deterministic_mode):
-    _require(backend, "cpu", cell)
     model, x, hx = _problem(backend, cell)
     strict = run_model(model, x, hx)
     torch.use_deterministic_algorithms(False)
@@ -65,10 +52,9 @@ def test_cpu_deterministic_mode_runs_unchanged(backend, cell, deterministic_mode
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@on_backends("cuda")
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_deterministic_mode_raises_or_repeats(backend, cell, deterministic_mode):
-    _require(backend, "cuda", cell)
     model, x, hx = _problem(backend, cell, device="cuda")
     try:
         first = run_model(model, x, hx)
