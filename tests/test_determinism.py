@@ -7,7 +7,7 @@ raises a RuntimeError that says so, as torch's own nondeterministic ops do, or r
 
 import pytest
 import torch
-from conftest import CELLS, make_pair, on_backends, random_hx, random_input, run_model
+from conftest import CELLS, make_pair, num_states, on_backends, random_hx, random_input, run_model
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def _problem(backend, cell, device="cpu"):
     T, B, I, H, layers = (6, 64, 24, 48, 2) if big else (3, 2, 3, 4, 1)
     model = make_pair(cell, I, H, backend, num_layers=layers, bidirectional=big, device=device)[0]
     x = random_input(T, B, I, dtype=torch.float32).to(device).requires_grad_()
-    hx = random_hx(cell, layers * (1 + big), B, H, dtype=torch.float32)
+    hx = random_hx(cell, num_states(layers, bidirectional=big), B, H, dtype=torch.float32)
     hx = tuple(h.to(device).requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.to(device).requires_grad_()
     return model, x, hx
 

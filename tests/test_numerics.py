@@ -18,6 +18,7 @@ from conftest import (
     check_oracle,
     keep_off_relu_kink,
     make_pair,
+    num_states,
     off_relu_kink,
     on_backends,
     random_hx,
@@ -83,7 +84,7 @@ def test_nonfinite_stays_in_its_sequence(backend, cell, value, bidirectional):
     fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=bidirectional, dtype=torch.float64)
     x = random_input(4, 3, 3)
     x[1, 1, 0] = value
-    hx = random_hx(cell, 4 if bidirectional else 2, 3, 5)
+    hx = random_hx(cell, num_states(2, bidirectional), 3, 5)
     got, base = run_model(fused, *_leaves(x, hx)), run_model(ref, *_leaves(x, hx))
     _assert_no_new_nan(got, base)
     if math.isnan(value):  # it reaches its own sequence (an Inf may saturate away)

@@ -8,7 +8,19 @@ Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here
 
 import pytest
 import torch
-from conftest import CELLS, check_oracle, kink_prone, make_pair, off_relu_kink, random_hx, random_input, random_packed
+from conftest import (
+    CELLS,
+    TRITON_VARIANTS,
+    check_oracle,
+    force_triton_variant,
+    kink_prone,
+    make_pair,
+    num_states,
+    off_relu_kink,
+    random_hx,
+    random_input,
+    random_packed,
+)
 
 pytestmark = pytest.mark.gpu
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,12 +35,10 @@ def _triton_on_cuda():
         pytest.skip(f"triton backend on CUDA: {reason}")
 
 
-@pytest.fixture(autouse=True, params=["persistent", "split"])
+@pytest.fixture(autouse=True, params=TRITON_VARIANTS)
 def variant(request, monkeypatch):
-    """Both variants of the kernels (fusedrnn/triton/common.py) on every test."""
-    from fusedrnn.triton import common
-
-    monkeypatch.setattr(common, "VARIANT", request.param)
+    """Both variants of the kernels (conftest.force_triton_variant) on every test."""
+    force_triton_variant(monkeypatch, request.param)
     return request.param
 
 
@@ -48,7 +58,7 @@ def _check(cell, x, H, dtype, layers=1, bidirectional=False, proj_size=0):
     I, B = x.data.shape[-1], (int(x.batch_sizes[0]) if packed else x.shape[1])
     kwargs = {"proj_size": proj_size} if proj_size else {}
     fused, ref = make_pair(cell, I, H, "triton", num_layers=layers, bidirectional=bidirectional, **kwargs)
-    hx = random_hx(cell, layers * (2 if bidirectional else 1), B, H, proj_size=proj_size)
+    hx = random_hx(cell, num_states(layers, bidirectional), B, H, proj_size=proj_size)
     if kink_prone(cell, dtype):  # relu in half precision: inputs away from the kink (conftest says why)
         hx = off_relu_kink(fused, ref, x, hx)
     check_oracle(fused, ref, x, hx, dtype=dtype, device="cuda")
