@@ -4,17 +4,20 @@
   FUSEDRNN_BUILD_CUDA = auto (default: build when torch has CUDA and nvcc is found) | 1 | 0
 
 A skipped extension is built on first use instead (torch.utils.cpp_extension.load, cached), see
-fusedrnn/cpp.py and fusedrnn/cuda.py. The CUDA toolkit, the GPU architectures and the compiler flags come from
-fusedrnn/toolchain.py (no CUDA variables need to be set; TORCH_CUDA_ARCH_LIST and CUDA_HOME still win).
+fusedrnn/cpp.py and fusedrnn/cuda.py: the C++ and CUDA sources (fusedrnn/csrc) ship with the package as package data.
+The sources, the compiler flags, the CUDA toolkit and the GPU architectures come from fusedrnn/toolchain.py (no CUDA
+variables need to be set; TORCH_CUDA_ARCH_LIST and CUDA_HOME still win).
 """
 
-import glob
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
 
 
 def _wanted(flag, present):
@@ -28,8 +31,9 @@ def _wanted(flag, present):
 
 def _toolchain():
     """fusedrnn/toolchain.py, loaded by path: the package is not importable before it is installed."""
-    spec = importlib.util.spec_from_file_location("fusedrnn_toolchain", Path(__file__).parent / "fusedrnn/toolchain.py")
+    spec = importlib.util.spec_from_file_location("fusedrnn_toolchain", HERE / "fusedrnn" / "toolchain.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -41,19 +45,17 @@ def _extensions():
     except ImportError:  # metadata-only invocations
         return [], {}
     exts = []
-    cpp_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    if cpp_sources and _wanted("FUSEDRNN_BUILD_CPP", shutil.which(os.environ.get("CXX", "c++")) is not None):
-        exts.append(
-            cpp_extension.CppExtension(
-                "fusedrnn._cpp", cpp_sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]
-            )
-        )
-    cuda_sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*_binding.cpp"))
     toolchain = _toolchain()
+    cpu, cuda = toolchain.CPU, toolchain.CUDA
+    if _wanted("FUSEDRNN_BUILD_CPP", shutil.which(os.environ.get("CXX", "c++")) is not None):
+        exts.append(
+            cpp_extension.CppExtension(cpu.module, cpu.sources(HERE), extra_compile_args=list(cpu.cxx_flags),
+                                       extra_link_args=list(cpu.ld_flags))
+        )
     has_cuda = torch.version.cuda is not None and toolchain.configure(cpp_extension) is not None
-    if cuda_sources and _wanted("FUSEDRNN_BUILD_CUDA", has_cuda):
-        flags = {"cxx": toolchain.CXX_FLAGS, "nvcc": toolchain.NVCC_FLAGS}
-        exts.append(cpp_extension.CUDAExtension("fusedrnn._cuda", cuda_sources, extra_compile_args=flags))
+    if _wanted("FUSEDRNN_BUILD_CUDA", has_cuda):
+        flags = {"cxx": list(cuda.cxx_flags), "nvcc": list(cuda.nvcc_flags)}
+        exts.append(cpp_extension.CUDAExtension(cuda.module, cuda.sources(HERE), extra_compile_args=flags))
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)} if exts else {}
     return exts, cmdclass
 
@@ -61,7 +63,11 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
-    package_data={"fusedrnn.demo": ["timemachine.txt"]},
+    package_data={
+        "fusedrnn": ["csrc/cpu/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.h", "csrc/cuda/*.cuh", "csrc/cuda/*.cu",
+                     "csrc/cuda/*.cpp", "csrc/testing/*.h"],
+        "fusedrnn.demo": ["timemachine.txt"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,33 +1,30 @@
 """The C++ CPU backend ("cpp"): fused per-step kernels and hand-written BPTT for one layer-direction.
 
-The kernels live in ``csrc/cpu`` (the math and the threading are described at the top of
-``csrc/cpu/recurrence.h``). They are loaded from ``fusedrnn._cpp``, the extension ``setup.py`` builds
-ahead of time; failing that, they are built on first use with ``torch.utils.cpp_extension.load`` (ninja,
-cached under torch's extension directory, so only the first process pays). When neither works,
-``unavailable_reason`` says why and how to fix it: asking for ``backend="cpp"`` raises with that text and
-``auto`` warns once and uses the reference backend.
+The kernels live in ``fusedrnn/csrc/cpu`` (api.h: what the binding sees; forward.h, backward.h: the layer drivers and
+how they thread; split.h: the scheduling heuristics). They are loaded from ``fusedrnn._cpp``, the extension
+``setup.py`` builds ahead of time; failing that, they are built on first use with ``torch.utils.cpp_extension.load``
+(ninja, cached under torch's extension directory, so only the first process pays), from the sources installed with
+the package and the flags of ``fusedrnn/toolchain.py``. When neither works, ``unavailable_reason`` says why and how
+to fix it: asking for ``backend="cpp"`` raises with that text and ``auto`` warns once and uses the reference backend.
 
 dtypes: float32 and float64 natively; bfloat16 runs in float32 (math and accumulation) on tensors promoted
 from bfloat16, with the results rounded back, on any x86-64 CPU.
 
-Contract: ``fusedrnn/reference.py``. ws is (T, B, 5H) for lstm = activated i, f, g, o and c_t (held), (T, B, 4H)
-for gru = r, z, n and h W_hn^T + b_hn, (T, B, 0) for rnn: the same shape as the reference's, but private to
-this backend's backward. Nothing aliases: every output is a fresh tensor.
+Contract: ``fusedrnn/reference.py`` (``saved`` in the layout of ``cells.saved_shape``). The weight gradients come from
+the C++ driver's own fused epilogue, which follows ``fusedrnn/epilogue.py``'s row-block rule (tests/test_cpp.py pins
+it). Nothing aliases: every output is a fresh tensor.
 """
 
 import functools
 import os
-from pathlib import Path
 
 import torch
 
-from .reference import workspace_shape
+from . import toolchain
+from .cells import LayerWeights
 
-__all__ = ["backward", "forward", "unavailable_reason", "workspace_shape"]
+__all__ = ["backward", "forward", "unavailable_reason"]
 
-SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
-JIT_NAME = "fusedrnn_cpp"
-JIT_CFLAGS = ["-O3", "-fopenmp"]  # keep in step with setup.py's CppExtension
 VERBOSE_ENV = "FUSEDRNN_VERBOSE_BUILD"
 _NATIVE = (torch.float32, torch.float64)
 _SUPPORTED = (*_NATIVE, torch.bfloat16)
@@ -38,18 +35,19 @@ def _first_line(error):
 
 
 def _build():
-    """Compile csrc/cpu/*.cpp with ninja into torch's extension cache and import it."""
+    """Compile fusedrnn/csrc/cpu with ninja into torch's extension cache and import it."""
     from torch.utils import cpp_extension
 
-    sources = sorted(str(p) for p in SOURCE_DIR.glob("*.cpp"))
+    spec = toolchain.CPU
+    sources = spec.sources()
     if not sources:
-        raise FileNotFoundError(f"no C++ sources in {SOURCE_DIR} (an installed wheel without the extension)")
+        raise FileNotFoundError(f"no C++ sources in {toolchain.CSRC / 'cpu'} (an install without fusedrnn/csrc)")
     cpp_extension.verify_ninja_availability()
     return cpp_extension.load(
-        name=JIT_NAME,
+        name=spec.jit_name,
         sources=sources,
-        extra_cflags=JIT_CFLAGS,
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=list(spec.cxx_flags),
+        extra_ldflags=list(spec.ld_flags),
         verbose=os.environ.get(VERBOSE_ENV, "0") == "1",
     )
 
@@ -73,8 +71,8 @@ def _extension():
         )
 
 
-def unavailable_reason(device, dtype, mode):
-    """Why this backend cannot run (device, dtype, mode), or None. Builds the extension on first call."""
+def unavailable_reason(device, dtype, cell):
+    """Why this backend cannot run (device, dtype, cell), or None. Builds the extension on first call."""
     if torch.device(device).type != "cpu":
         return f"it runs on the CPU only, not on {device}"
     if dtype not in _SUPPORTED:
@@ -89,23 +87,36 @@ def _module():
     return module
 
 
-def _in_compute_dtype(fn, args):
-    """fn(*args) with bfloat16 tensors promoted to float32, the results rounded back to bfloat16."""
-    low = args[1].dtype  # x
-    if low in _NATIVE:
+def _promoted(value):
+    """bfloat16 tensors (also inside a LayerWeights) as float32; anything else as it is."""
+    if isinstance(value, LayerWeights):
+        return LayerWeights(*(_promoted(w) for w in value))
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+        return value.float()
+    return value
+
+
+def _rounded(value, dtype):
+    if isinstance(value, tuple):
+        return tuple(_rounded(v, dtype) for v in value)
+    return None if value is None else value.to(dtype)
+
+
+def _in_compute_dtype(fn, x, args):
+    """fn(*args), with bfloat16 tensors promoted to float32 and the results rounded back, when x is bfloat16."""
+    if x.dtype in _NATIVE:
         return fn(*args)
-    up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    return tuple(None if r is None else r.to(low) for r in fn(*up))
+    return _rounded(fn(*(_promoted(a) for a in args)), x.dtype)
 
 
-def forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save=True):
-    """One layer, one direction: (y, h_n, c_n, ws); shapes in fusedrnn/reference.py (ws empty without save)."""
-    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save)
-    return _in_compute_dtype(_module().forward, args)
+def forward(cell, x, h0, c0, weights, lengths, reverse, save=True):
+    """One layer, one direction: (y, h_n, c_n, saved); shapes in fusedrnn/reference.py (saved empty without save)."""
+    return _in_compute_dtype(_module().forward, x, (cell, x, h0, c0, weights, lengths, reverse, save))
 
 
-def backward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx=True):
-    """BPTT of ``forward``: (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), None where absent (dx without
+def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):
+    """BPTT of ``forward``: (dx, dh0, dc0, LayerWeights of the weights' gradients), None where absent (dx without
     need_dx: it is then not computed)."""
-    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, dy, dh_n, dc_n, need_dx)
-    return _in_compute_dtype(_module().backward, args)
+    args = (cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx)
+    dx, dh0, dc0, dweights = _in_compute_dtype(_module().backward, x, args)
+    return dx, dh0, dc0, LayerWeights(*dweights)

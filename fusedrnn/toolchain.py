@@ -1,5 +1,9 @@
-"""How the CUDA extension is compiled: the toolkit, the GPU architectures and the compiler flags, in the one
-place that setup.py (ahead of time) and fusedrnn/cuda.py (the build on first use) both take them from.
+"""How the compiled backends are built: the sources, include directories and compiler flags of the C++ (CPU) and
+CUDA extensions, the CUDA toolkit and the GPU architectures, in the one place that setup.py (ahead of time),
+fusedrnn/cpp.py and fusedrnn/cuda.py (the build on first use) and the tests' builds all take them from.
+
+The sources live inside the package (fusedrnn/csrc: cpu/, cuda/, testing/ for the CUDA host emulation) and are
+installed with it as package data, so an install anywhere (a wheel included) can build on first use.
 
 Two guesses of torch.utils.cpp_extension fail on an ordinary build machine without a GPU (a CI box, a
 Docker build):
@@ -19,12 +23,41 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
+CSRC = Path(__file__).resolve().parent / "csrc"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
-CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "-std=c++17"]
 _HEADER = Path("include") / "cuda_runtime_api.h"
+
+
+@dataclass(frozen=True)
+class Extension:
+    """One compiled backend: its module names, sources (globs under CSRC) and flags.
+
+    module: the ahead-of-time build's import name (setup.py)   jit_name: torch.utils.cpp_extension.load's name
+    (the build on first use)   cxx_flags / nvcc_flags / ld_flags: compiler and linker flags."""
+
+    module: str
+    jit_name: str
+    patterns: tuple
+    cxx_flags: tuple
+    ld_flags: tuple = ()
+    nvcc_flags: tuple = ()
+
+    def sources(self, relative_to=None):
+        """The source files, sorted; paths relative to `relative_to` (setup.py wants them relative) or absolute."""
+        found = sorted(p for pattern in self.patterns for p in CSRC.glob(pattern))
+        return [str(p.relative_to(relative_to) if relative_to else p) for p in found]
+
+
+CPU = Extension("fusedrnn._cpp", "fusedrnn_cpp", ("cpu/*.cpp",), cxx_flags=("-O3", "-fopenmp"), ld_flags=("-fopenmp",))
+CUDA = Extension("fusedrnn._cuda", "fusedrnn_cuda", ("cuda/*.cu", "cuda/binding.cpp"), cxx_flags=("-O3",),
+                 nvcc_flags=("-O3", "-std=c++17"))
+# The CUDA kernels and binding host-compiled against testing/host_emulation.h (tests/test_cuda_emulation.py):
+# C++20 for std::barrier, and -fno-extern-tls-init for the kernels' block-scope `extern __shared__` (the header
+# says why).
+EMULATION_FLAGS = ("-std=c++20", "-O1", "-fno-extern-tls-init", "-Wno-unknown-pragmas")
 
 
 def _reported_home(nvcc):

@@ -4,10 +4,10 @@
 // the per-step product B x P x G*H is throughput-bound, and FP32 FMA loops cannot keep up with tensor cores.
 //
 // Forward step s (t = time_of(s)), the binding's part in [brackets]:
-//   [gh = h_{t-1} W_hh^T]  kUnits: gates from gx[t] + gh + b_hh, the cell -> c, ws[t]; h_t (emit) or, with
-//   proj, r  [hr = r W_hr^T]  kOuts: h_t = hr (emit: hold at padded steps, y[t], the float32 state).
+//   [gh = h_{t-1} W_hh^T]  kUnits: gates from gx[t] + gh + b_hh, the cell -> c, saved[t]; h_t (emit) or,
+//   with proj, cell_out  [hr = cell_out W_hr^T]  kOuts: h_t = hr (emit: hold at padded steps, y[t], the float32 state).
 // Backward step s undoes forward step t = time_of(T-1-s); t_next is the step undone just before:
-//   [dh_rec = dG_{t_next} W_hh]  kOuts: dh_t = dh + dh_rec + dy[t], dhy[t], carry  [dr = dhy[t] W_hr]
+//   [dh_rec = dG_{t_next} W_hh]  kOuts: dh_t = dh + dh_rec + dy[t], dhy[t], carry  [d_cell_out = dhy[t] W_hr]
 //   kUnits: the cell's backward -> dgx[t], dgh[t], dc, gru's direct path. Without proj (P == H) both phases
 //   run in one launch (kBoth), each thread doing its (b, j)'s outs then its units: no barrier needed.
 //   After the last step the binding adds dG_{t_0} W_hh into dh: dh0.
@@ -17,7 +17,7 @@
 
 #include "recurrence.cuh"
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 constexpr int kMaxPointwiseBlocks = 4096;  // grid-stride beyond: 1M threads already fill any GPU
 
@@ -44,11 +44,11 @@ __global__ void __launch_bounds__(kThreads) gemm_forward_kernel(const __grid_con
       gxv[k] = to_float(gx[at(sh, t, b, GH) + k * H + u]);
       ghv[k] = to_float(prod[static_cast<size_t>(b) * GH + k * H + u]) + (b_hh ? to_float(b_hh[k * H + u]) : 0.f);
     }
-    const float r = unit_forward<Cell, T>(a, g.s, t, b, u, gxv, ghv);
-    if (g.r)
-      static_cast<T*>(g.r)[static_cast<size_t>(b) * H + u] = from_float<T>(r);
+    const float cell_out = unit_forward<Cell, T>(a, g.s, t, b, u, gxv, ghv);
+    if (g.cell_out)
+      static_cast<T*>(g.cell_out)[static_cast<size_t>(b) * H + u] = from_float<T>(cell_out);
     else
-      emit_state<T>(a, g.s, t, b, u, r);
+      emit_state<T>(a, g.s, t, b, u, cell_out);
   }
 }
 
@@ -63,15 +63,15 @@ __global__ void __launch_bounds__(kThreads) gemm_backward_kernel(const __grid_co
   const int total = sh.B * n;
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
     const int b = idx / n, u = idx - b * n;
-    float dr = 0.f;
+    float d_cell_out = 0.f;
     if (outs) {
       const size_t i = static_cast<size_t>(b) * P + u;
       const float dh = a.dh[i] + (prod ? to_float(prod[i]) : 0.f);
-      dr = out_backward<T>(a, t, b, u, dh, to_float(dy[at(sh, t, b, P) + u]));
+      d_cell_out = out_backward<T>(a, t, b, u, dh, to_float(dy[at(sh, t, b, P) + u]));
     } else {
-      dr = to_float(prod[static_cast<size_t>(b) * sh.H + u]);
+      d_cell_out = to_float(prod[static_cast<size_t>(b) * sh.H + u]);
     }
-    if (units) unit_backward<Cell, T>(a, t, b, u, dr, nullptr, nullptr);
+    if (units) unit_backward<Cell, T>(a, t, b, u, d_cell_out, nullptr, nullptr);
   }
 }
 
@@ -105,4 +105,4 @@ cudaError_t run_gemm_backward(Dtype dtype, const BackwardArgs& a, const GemmStep
   });
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

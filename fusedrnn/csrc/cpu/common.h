@@ -14,7 +14,7 @@
 #endif
 #define FUSEDRNN_INLINE __attribute__((always_inline)) inline
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 // 64 bytes of T: one AVX-512 register (two AVX2 / four SSE registers where the CPU lacks it).
 template <class T>
@@ -38,4 +38,4 @@ inline Range share(int64_t n, int64_t part, int64_t parts) { return {n * part / 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,15 +1,13 @@
 // Memory a layer call reuses instead of allocating it fresh each time.
 //
 // Why: a fresh multi-megabyte tensor is, as often as not, a fresh mmap from glibc (its threshold moves with
-// what was freed last), and touching it costs a page fault per 4 KiB plus the kernel's zeroing. Measured on
-// the book model (T=35 B=32 I=28 H=256, 2 layers, fwd+bwd, 2-core EPYC, one process per run): LSTM 1,217
-// minor faults and 3.1 ms of system time per training step; GRU 2,000-3,900 faults and 4-11 ms (80 % of them
-// writing ws) of a 35 ms step.
+// what was freed last), and touching it costs a page fault per 4 KiB plus the kernel's zeroing (measured:
+// bench/results/cpp_notes.md, "Memory a call reuses").
 //
 // - scratch(): per-thread buffers for a call's temporaries (input projection, packed weights, gate
 //   gradients), never handed to the caller, so the next call on the same thread takes them over.
-// - saved_empty(): the saved activations ws, which outlive the call (autograd keeps them for backward):
-//   allocated from a small process-wide pool that a freed ws returns to, for the next call of its size.
+// - saved_empty(): the saved activations (`saved`), which outlive the call (autograd keeps them for backward):
+//   allocated from a small process-wide pool that a freed one returns to, for the next call of its size.
 // Neither keeps a block above kKeepBytes (a very long sequence does not pin its memory after the call; its
 // own compute dwarfs the faults), and the pool holds at most kPoolBytes of free blocks.
 #pragma once
@@ -23,20 +21,20 @@
 #include <new>
 #include <unordered_map>
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 // One buffer per role. kSequence holds forward's input projection and then backward's gate gradients (the
 // projection is dead by then), so training keeps one (T, B, G*H) buffer, not two.
 enum class Slot : int {
-  kSequence,    // gx (forward), dG (backward)
-  kSequence2,   // GRU's hidden-side dG
-  kGates,       // h W_hh^T of one step
-  kPack,        // packed W_hh (and W_ih for dx after the loop)
-  kPackInput,   // packed W_ih for the projection or dx inside the step loop
-  kPackProj,    // packed W_hr
-  kGradOut,     // dL/dh_t with proj_size
-  kProjOut,     // o * tanh(c_t) with proj_size
-  kState,       // forward without save: a two-step ring of ws; backward with proj_size: dL/d(o * tanh c_t)
+  kSequence,         // gx (forward), dG (backward): (T, B, G*H)
+  kHiddenGateGrads,  // GRU's hidden-side dG: (T, B, G*H)
+  kGates,            // h W_hh^T of one step
+  kPack,             // packed W_hh (and W_ih for dx after the loop)
+  kPackInput,        // packed W_ih for the projection or dx inside the step loop
+  kPackProj,         // packed W_hr
+  kGradOut,          // dL/dh_t with proj_size
+  kCellOut,          // cell_out = o * tanh(c_t) with proj_size
+  kState,            // forward without save: a two-step ring of `saved`; backward with proj_size: dL/d(cell_out)
   kCount
 };
 
@@ -57,11 +55,11 @@ inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, const at::TensorOpti
   return fresh.view(sizes);
 }
 
-// Free blocks by size, shared by all threads (a ws may be freed on another thread than it was made on).
+// Free blocks by size, shared by all threads (`saved` may be freed on another thread than it was made on).
 class BlockPool {
  public:
   static BlockPool& instance() {
-    static BlockPool* pool = new BlockPool();  // never destroyed: a ws may be freed while the process exits
+    static BlockPool* pool = new BlockPool();  // never destroyed: `saved` may be freed while the process exits
     return *pool;
   }
 
@@ -109,4 +107,4 @@ inline at::Tensor saved_empty(at::IntArrayRef sizes, const at::TensorOptions& op
   return at::from_blob(block, sizes, [bytes](void* data) { BlockPool::instance().give(data, bytes); }, options);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

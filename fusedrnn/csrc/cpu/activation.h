@@ -18,7 +18,7 @@
 
 #include "common.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 // e^x = scale * (1 + q) for x in [-87.34, 88.38]: scale = 2^n, q = e^r - 1 with r = x - n ln2, |r| <= ln2 / 2.
 FUSEDRNN_INLINE void exp_parts(float x, float& scale, float& q) {
@@ -60,4 +60,4 @@ FUSEDRNN_INLINE float tanh_(float x) {
 FUSEDRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 FUSEDRNN_INLINE double tanh_(double x) { return std::tanh(x); }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -10,7 +10,7 @@
 
 #include "common.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 template <class T>
 constexpr int64_t kPanel = 2 * kLanes<T>;
@@ -27,4 +27,4 @@ template <class T>
 void gemm_panel(int64_t M, int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc, int64_t width,
                 bool accumulate);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,7 +1,8 @@
-// Runs this directory's CUDA kernels on the CPU, for tests on machines without a GPU.
+// Runs the CUDA kernels of fusedrnn/csrc/cuda on the CPU, for tests on machines without a GPU (test support only:
+// no build of the package compiles it).
 //
 // Include it (only it) in a C++ translation unit compiled with a host compiler, next to
-// cuda_binding.cpp: the result is the `fusedrnn._cuda` extension working on CPU tensors, with
+// ../cuda/binding.cpp: the result is the `fusedrnn._cuda` extension working on CPU tensors, with
 // plan/launch logic, kernels and binding exactly as on the GPU. What it models:
 //   - a block = one OS thread running its kThreads CUDA threads as fibers (ucontext) that switch only at
 //     barriers: __syncthreads, warp shuffles and the grid barrier; shared memory = a thread_local array;
@@ -274,20 +275,20 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t err) {
 }
 
 // ---- the kernels, registered -------------------------------------------------------------------------
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 // What the kernels' `extern __shared__ float4 smem4[]` names. Compile with -fno-extern-tls-init: that
 // block-scope extern declaration otherwise goes through a TLS init wrapper that g++ leaves null.
 thread_local float4 smem4[emu::kSmemBytes / sizeof(float4)];
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda
 
-#include "gru_cell.cu"
-#include "lstm_cell.cu"
-#include "rnn_cell.cu"
+#include "../cuda/gru_cell.cu"
+#include "../cuda/lstm_cell.cu"
+#include "../cuda/rnn_cell.cu"
 
 namespace emu {
 template <class Cell>
 void register_cell() {
-  using namespace fusedrnn;
+  using namespace fusedrnn::cuda;
   register_kernel(forward_kernel<Cell, float, true>);
   register_kernel(forward_kernel<Cell, float, false>);
   register_kernel(forward_kernel<Cell, __half, true>);
@@ -308,10 +309,10 @@ void register_cell() {
   register_kernel(gemm_backward_kernel<Cell, __nv_bfloat16>);
 }
 inline const bool registered = [] {
-  register_cell<fusedrnn::LstmCell>();
-  register_cell<fusedrnn::GruCell>();
-  register_cell<fusedrnn::RnnCell<false>>();
-  register_cell<fusedrnn::RnnCell<true>>();
+  register_cell<fusedrnn::cuda::LstmCell>();
+  register_cell<fusedrnn::cuda::GruCell>();
+  register_cell<fusedrnn::cuda::RnnCell<false>>();
+  register_cell<fusedrnn::cuda::RnnCell<true>>();
   return true;
 }();
 }  // namespace emu

@@ -1,16 +1,17 @@
 // LSTM cell for the fused recurrence (recurrence.cuh, gemm_step.cuh), torch's gate order i, f, g, o:
 //   i, f, o = s(gx + gh) rows 0, 1, 3;  g = tanh(gx + gh) row 2      (gh = h W_hh^T + b_hh)
-//   c' = f * c + i * g;  r = o * tanh(c')  (h' = r, or r W_hr^T with proj_size, done by the recurrence)
-// Saved for backward, ws[t] = (i, f, g, o, c_t) with c_t the HELD cell state (c at a padded step), so that
-// the next step's c_prev can be read back from it. Backward (dh = dL/dr, dc = dL/dc_t carried):
+//   c' = f * c + i * g;  cell_out = o * tanh(c')  (h' = cell_out, or cell_out W_hr^T with proj_size, done by the
+//   recurrence)
+// Saved for backward, saved[t] = (i, f, g, o, c_t) with c_t the HELD cell state (c at a padded step), so that
+// the next step's c_prev can be read back from it. Backward (dh = dL/dcell_out, dc = dL/dc_t carried):
 //   dc_t = dc + dh * o * (1 - tanh(c')^2);  di = dc_t g i(1-i);  df = dc_t c_prev f(1-f)
 //   dg = dc_t i (1-g^2);  do = dh tanh(c') o(1-o);  dc_prev = dc_t * f;  input and hidden sides share them.
 #include "gemm_step.cuh"
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 struct LstmCell {
-  static constexpr int G = 4, WS = 5, kCSlot = 4;
+  static constexpr int G = kLstm.gates, kSaved = kLstm.saved_rows, kCSlot = 4;
   static constexpr bool kHasC = true, kNeedsHPrev = false, kNeedsH = false, kDirect = false;
 
   __device__ static float forward(const float* gx, const float* gh, float, float& c, bool valid, float* act) {
@@ -57,4 +58,4 @@ cudaError_t lstm_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool pro
   return fits_on_chip<LstmCell>(dtype, sh, layers, proj, backward, fits);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

@@ -1,16 +1,16 @@
-// Elman RNN cell rows for the layer driver (recurrence.h), tanh or relu:
-//   forward:  h' = act(gx + b_ih + gh + b_hh)      (no workspace: act' follows from h')
+// Elman RNN cell rows for the layer driver (forward.h, backward.h; interface: cell_rows.h), tanh or relu:
+//   forward:  h' = act(gx + b_ih + gh + b_hh)      (nothing saved: act' follows from h')
 //   backward: dpre = dh (1 - h'^2) for tanh, (h' <= 0 ? 0 : dh) for relu; no direct dL/dh_{t-1} term.
 // relu is written so that NaN propagates as in torch: relu(NaN) = NaN, and a NaN h' passes dh on
 // (torch's threshold_backward, reference.py's _rnn_gate_grads).
 #include "activation.h"
-#include "recurrence.h"
+#include "dispatch.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 template <bool Relu>
 struct RnnCell {
-  static constexpr int64_t G = 1, WS = 0;
+  static constexpr int64_t G = kRnnTanh.gates, kSaved = kRnnTanh.saved_rows;  // rnn_relu's are the same (api.h)
   static constexpr bool kSplitHidden = false;
 
   template <class T>
@@ -41,11 +41,8 @@ ForwardOut rnn_forward(const Layer& l, bool relu) {
   return relu ? forward_any<RnnCell<true>>(l) : forward_any<RnnCell<false>>(l);
 }
 
-BackwardOut rnn_backward(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
-                         const at::Tensor& dh_n, bool relu) {
-  const at::Tensor none;
-  return relu ? backward_any<RnnCell<true>>(l, y, ws, dy, dh_n, none)
-              : backward_any<RnnCell<false>>(l, y, ws, dy, dh_n, none);
+BackwardOut rnn_backward(const Layer& l, const Cotangents& cot, bool relu) {
+  return relu ? backward_any<RnnCell<true>>(l, cot) : backward_any<RnnCell<false>>(l, cot);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

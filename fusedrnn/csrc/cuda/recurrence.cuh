@@ -1,10 +1,10 @@
 // The recurrence of a stack of layers (one layer-direction: L = 1), forward and backward, for any cell
 // (lstm_cell.cu, gru_cell.cu, rnn_cell.cu supply the per-unit math). The contracts and the math are in
-// fusedrnn/reference.py; the argument structs and their shapes are in launchers.h.
+// fusedrnn/reference.py; the argument structs and their shapes are in api.h.
 //
 // Work split: the grid is L groups of L.per_layer blocks, group l runs layer l. Block k of a group owns
 // hidden units j in [k*U, k*U + U) ("unit phase": gates, cell update) and output features p in
-// [k*Up, k*Up + Up) ("out phase": the projection h = r W_hr^T with proj_size, the dL/dh bookkeeping in the
+// [k*Up, k*Up + Up) ("out phase": the projection h = cell_out W_hr^T with proj_size, the dL/dh bookkeeping in the
 // backward). Without proj_size P == H and Up == U, so both phases of a block cover the same indices and
 // need only a block barrier between them; with it they need a grid barrier.
 // Wavefront: super-step S runs layer l's forward step s = S - l and its backward step s = S - (L-1-l);
@@ -13,16 +13,16 @@
 //
 // Forward, layer step s (t = s, or T-1-s when reverse), h_prev = h[s % 2], h_next = h[(s+1) % 2]:
 //   units: gx = layer 0 ? gx[t] : x_in[(s+1) % 2] W_ih[rows of own units]^T + b_ih  (the layer below's step s)
-//          gh = h_prev W_hh[rows of own units]^T + b_hh; cell(gx, gh) -> c, ws[t], r
-//          without proj: h_next = valid ? r : h_prev (own units), y[t] = h_next, x_out = h_next * mask[t]
-//   outs (proj only): h_next = valid ? r W_hr[own rows]^T : h_prev, y[t] = h_next, x_out as above
+//          gh = h_prev W_hh[rows of own units]^T + b_hh; cell(gx, gh) -> c, saved[t], cell_out
+//          without proj: h_next = valid ? cell_out : h_prev (own units), y[t] = h_next, x_out = h_next * mask[t]
+//   outs (proj only): h_next = valid ? cell_out W_hr[own rows]^T : h_prev, y[t] = h_next, x_out as above
 // Backward, layer step s walks the forward's steps in reverse; dgh_step[s % 2] holds step s's hidden-side
 // gate grads (float32, zero at padded steps), dgx_step[s % 2] the input-side ones where they differ:
 //   outs:  dh += dgh_step[(s-1) % 2] W_hh[:, own p]  (s > 0);  s == T: dh is dh0, stop
 //          dy_t = dy[t] + mask[t] * dgx_up[s % 2] W_ih_up[:, own p]  (the layer above's same step)
 //          dh_t = dh + (valid ? dy_t : 0);  dh_step = dh_t;  dhy[t] = valid ? dh_t : 0 (proj)
 //          dh = valid ? 0 : dh_t   (a padded step passes dh through unchanged)
-//   units: dr = proj ? dh_step W_hr[:, own j] : dh_step[own j];  cell backward -> dgx[t], dgh[t],
+//   units: d_cell_out = proj ? dh_step W_hr[:, own j] : dh_step[own j];  cell backward -> dgx[t], dgh[t],
 //          dgh_step[s % 2], dgx_step[s % 2], dc;  gru: dh += valid ? dh_t * z : 0 (the direct path)
 // Schemes: persistent = one cooperative launch, weight slices staged in shared memory once, a grid
 // barrier between dependent phases; per_step = one launch per super-step and phase, weights read from
@@ -33,9 +33,10 @@
 
 #include <algorithm>
 
+#include "api.h"
 #include "common.cuh"
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 struct Layout {
   int U, Up;      // hidden units and output features per block
@@ -150,23 +151,23 @@ __device__ __forceinline__ void emit_state(const ForwardArgs& a, int s, int t, i
 }
 
 // Unit j of batch row b at forward step s (time t), given its gate pre-activations: the cell, its state c
-// and the activations backward needs (ws). Returns r (h_t before any projection). Shared by every scheme.
+// and the activations backward needs (saved). Returns cell_out (h_t before any projection). Shared by every scheme.
 template <class Cell, class T>
 __device__ __forceinline__ float unit_forward(const ForwardArgs& a, int s, int t, int b, int j, const float* gxv,
                                               const float* ghv) {
   const Shape& sh = a.shape;
   const int H = sh.H;
-  float act[Cell::WS > 0 ? Cell::WS : 1];
+  float act[Cell::kSaved > 0 ? Cell::kSaved : 1];
   const float hp = Cell::kNeedsHPrev ? a.h[slot(sh, s, sh.P) + static_cast<size_t>(b) * sh.P + j] : 0.f;
   float c = Cell::kHasC ? a.c[static_cast<size_t>(b) * H + j] : 0.f;
-  const float r = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
+  const float cell_out = Cell::forward(gxv, ghv, hp, c, is_valid(sh, t, b), act);
   if (Cell::kHasC) a.c[static_cast<size_t>(b) * H + j] = c;
-  if (a.ws) {  // nullptr for inference: no backward follows
-    T* ws = static_cast<T*>(a.ws);
+  if (a.saved) {  // nullptr for inference: no backward follows
+    T* saved = static_cast<T*>(a.saved);
 #pragma unroll
-    for (int w = 0; w < Cell::WS; ++w) ws[at(sh, t, b, Cell::WS * H) + w * H + j] = from_float<T>(act[w]);
+    for (int w = 0; w < Cell::kSaved; ++w) saved[at(sh, t, b, Cell::kSaved * H) + w * H + j] = from_float<T>(act[w]);
   }
-  return r;
+  return cell_out;
 }
 
 template <class Cell, class T, bool kGrid, class HhRows, class IhRows, class HrRows>
@@ -199,11 +200,11 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
                           : to_float(gx[at(sh, t, b, GH) + g * H + j]);
             ghv[g] = acc[bl * R + g * L.U + u] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
           }
-          const float r = unit_forward<Cell, T>(a, s, t, b, j, gxv, ghv);
+          const float cell_out = unit_forward<Cell, T>(a, s, t, b, j, gxv, ghv);
           if (proj)
-            a.r[static_cast<size_t>(b) * H + j] = r;
+            a.cell_out[static_cast<size_t>(b) * H + j] = cell_out;
           else
-            emit_state<T>(a, s, t, b, j, r);
+            emit_state<T>(a, s, t, b, j, cell_out);
         });
   }
   if (!proj) return;
@@ -213,7 +214,7 @@ __device__ void forward_step(const ForwardArgs& a, const Layout& L, const HhRows
     phase(
         sh.B, L.Up, imin(L.Up, P - p0),
         [&](int b0, int nb) {
-          block_matvec<T>(hr, L.Up, H, a.r + static_cast<size_t>(b0) * H, H, nb, acc);
+          block_matvec<T>(hr, L.Up, H, a.cell_out + static_cast<size_t>(b0) * H, H, nb, acc);
           return true;
         },
         [&](int bl, int b, int u) { emit_state<T>(a, s, t, b, p0 + u, acc[bl * L.Up + u]); });
@@ -251,25 +252,26 @@ __device__ __forceinline__ float out_backward(const BackwardArgs& a, int t, int 
   return dh_t;
 }
 
-// Unit j of batch row b at the backward step of forward time t, given dr = dL/dr: the cell's backward, the
-// carried dc, the gate gradients (dgx[t], dgh[t], and the float32 per-step copies where the scheme keeps
-// them: dgh_step, dgx_step, each (B, G*H) or nullptr) and gru's direct path into dh. Shared by every scheme.
+// Unit j of batch row b at the backward step of forward time t, given d_cell_out = dL/dcell_out: the cell's
+// backward, the carried dc, the gate gradients (dgx[t], dgh[t], and the float32 per-step copies where the scheme
+// keeps them: dgh_step, dgx_step, each (B, G*H) or nullptr) and gru's direct path into dh. Shared by every scheme.
 template <class Cell, class T>
-__device__ __forceinline__ void unit_backward(const BackwardArgs& a, int t, int b, int j, float dr, float* dgh_step,
-                                              float* dgx_step) {
-  constexpr int G = Cell::G, WS = Cell::WS;
+__device__ __forceinline__ void unit_backward(const BackwardArgs& a, int t, int b, int j, float d_cell_out,
+                                              float* dgh_step, float* dgx_step) {
+  constexpr int G = Cell::G, S = Cell::kSaved;
   const Shape& sh = a.shape;
   const int H = sh.H, P = sh.P, GH = G * H, tp = prev_time(sh, t);
-  const T* ws = static_cast<const T*>(a.ws);
+  const T* saved = static_cast<const T*>(a.saved);
   const T* y = static_cast<const T*>(a.y);
   const bool valid = is_valid(sh, t, b);
-  float act[WS > 0 ? WS : 1], dgxv[G], dghv[G];
+  float act[S > 0 ? S : 1], dgxv[G], dghv[G];
 #pragma unroll
-  for (int w = 0; w < WS; ++w) act[w] = to_float(ws[at(sh, t, b, WS * H) + w * H + j]);
+  for (int w = 0; w < S; ++w) act[w] = to_float(saved[at(sh, t, b, S * H) + w * H + j]);
   float c_prev = 0.f, h_prev = 0.f, h = 0.f, dc = 0.f;
   if (Cell::kHasC) {
     const T* c0 = static_cast<const T*>(a.c0);
-    c_prev = to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : ws[at(sh, tp, b, WS * H) + Cell::kCSlot * H + j]);
+    c_prev =
+        to_float(tp < 0 ? c0[static_cast<size_t>(b) * H + j] : saved[at(sh, tp, b, S * H) + Cell::kCSlot * H + j]);
     dc = a.dc[static_cast<size_t>(b) * H + j];
   }
   if (Cell::kNeedsHPrev) {
@@ -277,7 +279,7 @@ __device__ __forceinline__ void unit_backward(const BackwardArgs& a, int t, int 
     h_prev = to_float(tp < 0 ? h0[static_cast<size_t>(b) * P + j] : y[at(sh, tp, b, P) + j]);
   }
   if (Cell::kNeedsH) h = to_float(y[at(sh, t, b, P) + j]);
-  const float direct = Cell::backward(dr, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
+  const float direct = Cell::backward(d_cell_out, dc, act, c_prev, h_prev, h, valid, dgxv, dghv);
   if (Cell::kHasC) a.dc[static_cast<size_t>(b) * H + j] = dc;
   T* dgx = static_cast<T*>(a.dgx);
   T* dgh = static_cast<T*>(a.dgh);
@@ -342,8 +344,8 @@ __device__ void backward_step(const BackwardArgs& a, const Layout& L, const HhRo
       },
       [&](int bl, int b, int u) {
         const int j = j0 + u;
-        const float dr = proj ? acc[bl * L.U + u] : a.dh_step[static_cast<size_t>(b) * P + j];
-        unit_backward<Cell, T>(a, t, b, j, dr, dgh_step, dgx_step);
+        const float d_cell_out = proj ? acc[bl * L.U + u] : a.dh_step[static_cast<size_t>(b) * P + j];
+        unit_backward<Cell, T>(a, t, b, j, d_cell_out, dgh_step, dgx_step);
       });
 }
 
@@ -538,4 +540,4 @@ cudaError_t fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj, bo
   return err;
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

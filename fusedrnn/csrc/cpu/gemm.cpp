@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 template <class T>
 void pack_panel(const T* w, int64_t ld, bool transposed, int64_t K, int64_t n0, int64_t width, T* panel) {
@@ -71,4 +71,4 @@ template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const f
 template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, double*, int64_t,
                                  int64_t, bool);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,15 +1,16 @@
-// Torch-free interface between the pybind11 binding (cuda_binding.cpp) and the CUDA kernels (*.cu).
+// Torch-free interface between the pybind11 binding (binding.cpp) and the CUDA kernels (*.cu): what the binding sees
+// of the kernels, so it parses none of them.
 //
 // One call runs the sequential part of a STACK of L layers (L = 1: one layer in one direction, the contract
 // of fusedrnn/reference.py; L > 1: its stack contract, unidirectional layers with dropout masks between
 // them) as a wavefront: layer l runs its step s at super-step s + l in the forward, and at super-step
 // s + (L - 1 - l) in the backward, so a stack costs T + L - 1 grid barriers instead of L * T. The layers
 // above the first project their input on chip (the layer below's output, read from its float32 state
-// buffer); the binding does everything that is not sequential with ATen GEMMs: layer 0's input projection
-// gx = x W_ih^T + b_ih before the forward, and dx, dW_ih, dW_hh, dW_hr and the biases' gradients after the
-// backward. Shapes below use T steps, B batch rows, H hidden units, P = proj_size or H, G gates (lstm 4,
-// gru 3, rnn 1) and WS = workspace rows per unit (lstm 5, gru 4, rnn 0). "elem" tensors have the layer's
-// dtype (float32, float16 or bfloat16); state buffers are float32. Slot k of a (2, ...) buffer holds the
+// buffer); everything that is not sequential runs as GEMMs outside: layer 0's input projection gx = x W_ih^T + b_ih
+// before the forward (the binding), and after the backward, from the gate gradients the kernels write, dx, dW_ih,
+// dW_hh, dW_hr and the biases' gradients (fusedrnn/epilogue.py, called by fusedrnn/cuda.py). Shapes below use
+// T steps, B batch rows, H hidden units, P = proj_size or H, G gates and S = saved rows per unit (kCells).
+// "elem" tensors have the layer's dtype (float32, float16 or bfloat16); state buffers are float32. Slot k of a (2, ...) buffer holds the
 // value of the steps s with s % 2 == k as noted per field.
 #pragma once
 
@@ -17,7 +18,18 @@
 
 #include <cstdint>
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
+
+// Gates G and saved rows per unit of each cell, the facts fusedrnn/cells.py registers (the binding's
+// cell_constants() returns them; tests/test_cuda_emulation.py pins the two tables to each other). saved rows:
+// lstm i, f, g, o, c_t; gru r, z, n, gh_n; rnn none (the activation's derivative follows from y).
+struct CellConstants {
+  const char* name;
+  int gates, saved_rows;
+};
+inline constexpr CellConstants kLstm{"lstm", 4, 5}, kGru{"gru", 3, 4};
+inline constexpr CellConstants kRnnTanh{"rnn_tanh", 1, 0}, kRnnRelu{"rnn_relu", 1, 0};
+inline constexpr CellConstants kCells[] = {kLstm, kGru, kRnnTanh, kRnnRelu};
 
 enum class Dtype { f32, f16, bf16 };
 // How the recurrence runs: one cooperative launch per sequence with the weights held in shared memory,
@@ -47,10 +59,10 @@ struct ForwardArgs {  // one layer
   const void* b_hh;   // elem (G*H,) or nullptr
   const void* w_hr;   // elem (P, H) or nullptr (lstm with proj_size)
   void* y;            // elem (T, B, P) out: state after each step (held value at padded steps)
-  void* ws;           // elem (T, B, WS*H) out: saved for backward (see the cell files), or nullptr: not saved
+  void* saved;        // elem (T, B, S*H) out: saved for backward (see the cell files), or nullptr: not saved
   float* h;           // (2, B, P) in/out: h[0] = h0 on entry; the state after step s in slot (s + 1) % 2
   float* c;           // (B, H) in/out, lstm only: c0 on entry, c_n on exit
-  float* r;           // (B, H) scratch, proj only: o * tanh(c) before the projection
+  float* cell_out;    // (B, H) scratch, proj only: o * tanh(c) before the projection
   const void* mask;   // elem (T, B, P) or nullptr: dropout mask between this layer and the one above
   float* x_out;       // (2, B, P) or nullptr (with mask): the output times mask, the layer above's x_in
 };
@@ -65,7 +77,7 @@ struct BackwardArgs {  // one layer
   const void* h0;        // elem (B, P)
   const void* c0;        // elem (B, H), lstm only
   const void* y;         // elem (T, B, P) from the forward
-  const void* ws;        // elem (T, B, WS*H) from the forward
+  const void* saved;     // elem (T, B, S*H) from the forward
   const void* dy;        // elem (T, B, P): the gradient from outside the stack
   void* dgx;             // elem (T, B, G*H) out: grads of the input-side pre-activations (masked to 0 at padding)
   void* dgh;             // elem (T, B, G*H) out, gru only (hidden side differs): else nullptr, dgx serves both
@@ -88,16 +100,16 @@ struct StackBackwardArgs {
 };
 
 // One pointwise launch of the gemm scheme (gemm_step.cuh) for one layer, whose ForwardArgs / BackwardArgs it
-// takes alongside (their on-chip fields unused: gx is given, x_in, mask, r, dgh_step, dgx_step, dh_step are
+// takes alongside (their on-chip fields unused: gx is given, x_in, mask, cell_out, dgh_step, dgx_step, dh_step are
 // nullptr). `prod` is the product the binding computed for this launch with an ATen GEMM, elem:
-//   forward  kUnits: gh = h_{t-1} W_hh^T (B, G*H)        forward  kOuts: hr = r W_hr^T (B, P)
+//   forward  kUnits: gh = h_{t-1} W_hh^T (B, G*H)        forward  kOuts: hr = cell_out W_hr^T (B, P)
 //   backward kOuts or kBoth: dG_{t_next} W_hh (B, P), nullptr at the first backward step
-//   backward kUnits: dr = dL/dh_t W_hr (B, H)
+//   backward kUnits: d_cell_out = dL/dh_t W_hr (B, H)
 struct GemmStep {
   int s;             // forward step, or backward step (undoing forward step T-1-s)
   int phases;        // forward: kUnits or kOuts; backward: kOuts, kUnits, or kBoth (without proj)
   const void* prod;  // see above
-  void* r;           // forward kUnits with proj: elem (B, H) out, r = o * tanh(c) for the projection GEMM
+  void* cell_out;    // forward kUnits with proj: elem (B, H) out, o * tanh(c) for the projection GEMM
 };
 
 // Each launcher checks every CUDA call and returns the first error (cudaErrorCooperativeLaunchTooLarge
@@ -122,4 +134,4 @@ cudaError_t lstm_fits_on_chip(Dtype, const Shape&, int layers, bool proj, bool b
 cudaError_t gru_fits_on_chip(Dtype, const Shape&, int layers, bool proj, bool backward, bool* fits);
 cudaError_t rnn_fits_on_chip(bool relu, Dtype, const Shape&, int layers, bool backward, bool* fits);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

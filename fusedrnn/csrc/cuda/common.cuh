@@ -13,9 +13,7 @@
 
 #include <cstddef>
 
-#include "launchers.h"
-
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 constexpr int kThreads = 256;  // threads per block, 8 warps
 constexpr int kBatchTile = 32;  // batch rows whose gate sums sit in shared memory at once
@@ -124,4 +122,4 @@ __device__ void block_matvec(const Rows& rows, int R, int K, const float* vec, i
   }
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

@@ -1,14 +1,14 @@
 // Elman RNN cell for the fused recurrence (recurrence.cuh, gemm_step.cuh):
 //   h' = tanh|relu(gx + gh), gh = h W_hh^T + b_hh.
-// Nothing saved (ws has width 0): the derivative follows from y[t] = h':  tanh' = 1 - h'^2,
+// Nothing saved (saved has width 0): the derivative follows from y[t] = h':  tanh' = 1 - h'^2,
 // relu' = [h' > 0] except that a NaN h' passes the gradient on. relu(NaN) stays NaN. Both as in torch.
 #include "gemm_step.cuh"
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 template <bool kRelu>
 struct RnnCell {
-  static constexpr int G = 1, WS = 0, kCSlot = 0;
+  static constexpr int G = kRnnTanh.gates, kSaved = kRnnTanh.saved_rows, kCSlot = 0;  // = rnn_relu's
   static constexpr bool kHasC = false, kNeedsHPrev = false, kNeedsH = true, kDirect = false;
 
   __device__ static float forward(const float* gx, const float* gh, float, float&, bool, float*) {
@@ -51,4 +51,4 @@ cudaError_t rnn_fits_on_chip(bool relu, Dtype dtype, const Shape& sh, int layers
               : fits_on_chip<RnnCell<false>>(dtype, sh, layers, false, backward, fits);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

@@ -1,6 +1,7 @@
-// LSTM cell rows for the layer driver (recurrence.h). Gate rows i, f, g, o; per unit j:
+// LSTM cell rows for the layer drivers (forward.h, backward.h; interface: cell_rows.h). Gate rows i, f, g, o;
+// per unit j:
 //   forward:  i, f, o = s(gx + b_ih + gh + b_hh);  g = tanh(gx + b_ih + gh + b_hh);  c' = f c + i g;  h' = o tanh(c')
-//             ws row = [i, f, g, o, c'] each H wide.
+//             saved row = [i, f, g, o, c'] each H wide.
 //   backward: with tc = tanh(c'), dh = dL/dh' (+ dy), dc = dL/dc' + dh o (1 - tc^2):
 //             di = dc g i(1-i), df = dc c f(1-f), dg = dc i (1-g^2), do = dh tc o(1-o);  dL/dc = dc f.
 //             h_{t-1} gets dG W_hh only (no direct term); with proj, dh arrives through W_hr.
@@ -8,12 +9,12 @@
 //             last, as in reference.py: a saturated gate's exact 0 then cancels a huge state (0 * 1e30 = 0)
 //             instead of (dc * 1e30 * 1e30) overflowing to inf and inf * 0 = NaN.
 #include "activation.h"
-#include "recurrence.h"
+#include "dispatch.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 struct LstmCell {
-  static constexpr int64_t G = 4, WS = 5;
+  static constexpr int64_t G = kLstm.gates, kSaved = kLstm.saved_rows;
   static constexpr bool kSplitHidden = false;
 
   template <class T>
@@ -21,7 +22,7 @@ struct LstmCell {
     const int64_t H = r.H, L = r.ldg;
     const T *__restrict gx = r.gx, *__restrict gh = r.gh, *__restrict bx = r.bias_x, *__restrict b = r.bias;
     const T* __restrict c_prev = r.c_prev;
-    T *__restrict ws = r.ws, *__restrict h = r.h;
+    T *__restrict saved = r.saved, *__restrict h = r.h;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T i = sigmoid(gx[j] + bx[j] + gh[j] + b[j]);
@@ -29,11 +30,11 @@ struct LstmCell {
       const T g = tanh_(gx[2 * H + j] + bx[2 * H + j] + gh[2 * L + j] + b[2 * H + j]);
       const T o = sigmoid(gx[3 * H + j] + bx[3 * H + j] + gh[3 * L + j] + b[3 * H + j]);
       const T c = f * c_prev[j] + i * g;
-      ws[j] = i;
-      ws[H + j] = f;
-      ws[2 * H + j] = g;
-      ws[3 * H + j] = o;
-      ws[4 * H + j] = c;
+      saved[j] = i;
+      saved[H + j] = f;
+      saved[2 * H + j] = g;
+      saved[3 * H + j] = o;
+      saved[4 * H + j] = c;
       h[j] = o * tanh_(c);
     }
   }
@@ -41,11 +42,11 @@ struct LstmCell {
   template <class T>
   FUSEDRNN_TARGETS static void backward_row(const BackwardRow<T>& r, int64_t n) {
     const int64_t H = r.H;
-    const T *__restrict ws = r.ws, *__restrict c_prev = r.c_prev, *__restrict dy = r.dy;
-    T *__restrict dh = r.dh, *__restrict dc = r.dc, *__restrict dg = r.dgx, *__restrict ht = r.htilde;
+    const T *__restrict saved = r.saved, *__restrict c_prev = r.c_prev, *__restrict dy = r.dy;
+    T *__restrict dh = r.dh, *__restrict dc = r.dc, *__restrict dg = r.dgx, *__restrict cell_out = r.cell_out;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const T i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j], tc = tanh_(ws[4 * H + j]);
+      const T i = saved[j], f = saved[H + j], g = saved[2 * H + j], o = saved[3 * H + j], tc = tanh_(saved[4 * H + j]);
       const T d = dh[j] + dy[j];
       const T dct = dc[j] + d * (o * (T(1) - tc * tc));
       dg[j] = dct * (i * (T(1) - i) * g);
@@ -55,16 +56,15 @@ struct LstmCell {
       dc[j] = dct * f;
       dh[j] = T(0);
     }
-    if (ht)
-      for (int64_t j = 0; j < n; ++j) ht[j] = ws[3 * H + j] * tanh_(ws[4 * H + j]);
+    if (cell_out)
+      for (int64_t j = 0; j < n; ++j) cell_out[j] = saved[3 * H + j] * tanh_(saved[4 * H + j]);
   }
 };
 
 ForwardOut lstm_forward(const Layer& l) { return forward_any<LstmCell>(l); }
 
-BackwardOut lstm_backward(const Layer& l, const at::Tensor& y, const at::Tensor& ws, const at::Tensor& dy,
-                          const at::Tensor& dh_n, const at::Tensor& dc_n) {
-  return backward_any<LstmCell>(l, y, ws, dy, dh_n, dc_n);
+BackwardOut lstm_backward(const Layer& l, const Cotangents& cot) {
+  return backward_any<LstmCell>(l, cot);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

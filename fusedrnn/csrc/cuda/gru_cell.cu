@@ -1,15 +1,15 @@
 // GRU cell for the fused recurrence (recurrence.cuh, gemm_step.cuh), torch's gate order r, z, n and reset-gate form:
 //   r = s(gx_r + gh_r);  z = s(gx_z + gh_z);  n = tanh(gx_n + r * gh_n)   (gh = h W_hh^T + b_hh, so r
 //   multiplies the hidden product AND its bias);  h' = (1 - z) * n + z * h = n + z * (h - n)
-// Saved for backward, ws[t] = (r, z, n, gh_n). Backward (dh = dL/dh'):
+// Saved for backward, saved[t] = (r, z, n, gh_n). Backward (dh = dL/dh'):
 //   dn = dh (1-z)(1-n^2);  dz = dh (h - n) z(1-z);  dr = dn gh_n r(1-r)
 //   input side (dr, dz, dn); hidden side (dr, dz, dn * r); direct path dh_prev += dh * z.
 #include "gemm_step.cuh"
 
-namespace fusedrnn {
+namespace fusedrnn::cuda {
 
 struct GruCell {
-  static constexpr int G = 3, WS = 4, kCSlot = 0;
+  static constexpr int G = kGru.gates, kSaved = kGru.saved_rows, kCSlot = 0;
   static constexpr bool kHasC = false, kNeedsHPrev = true, kNeedsH = false, kDirect = true;
 
   __device__ static float forward(const float* gx, const float* gh, float h_prev, float&, bool, float* act) {
@@ -51,4 +51,4 @@ cudaError_t gru_fits_on_chip(Dtype dtype, const Shape& sh, int layers, bool proj
   return fits_on_chip<GruCell>(dtype, sh, layers, proj, backward, fits);
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cuda

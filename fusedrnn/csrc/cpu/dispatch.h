@@ -1,0 +1,29 @@
+// The dtype dispatch of a cell's entry points (lstm.cpp, gru.cpp, rnn.cpp): float32 and float64 run natively,
+// fusedrnn/cpp.py runs bfloat16 in float32 and rounds the results; small forward calls take the direct driver.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "api.h"
+#include "backward.h"
+#include "forward.h"
+
+namespace fusedrnn::cpu {
+
+template <class Cell>
+ForwardOut forward_any(const Layer& l) {
+  if (l.x.scalar_type() == at::kDouble)
+    return direct_pays(l.x.size(0), l.x.size(1)) ? forward_direct<Cell, double>(l) : forward_layer<Cell, double>(l);
+  TORCH_CHECK(l.x.scalar_type() == at::kFloat, "fusedrnn._cpp: float32 or float64 expected, got ", l.x.scalar_type());
+  if (direct_pays(l.x.size(0), l.x.size(1))) return forward_direct<Cell, float>(l);
+  return forward_layer<Cell, float>(l);
+}
+
+template <class Cell>
+BackwardOut backward_any(const Layer& l, const Cotangents& cot) {
+  if (l.x.scalar_type() == at::kDouble) return backward_layer<Cell, double>(l, cot);
+  TORCH_CHECK(l.x.scalar_type() == at::kFloat, "fusedrnn._cpp: float32 or float64 expected, got ", l.x.scalar_type());
+  return backward_layer<Cell, float>(l, cot);
+}
+
+}  // namespace fusedrnn::cpu
