@@ -81,16 +81,12 @@ def _seed():
 DEVICE_BACKENDS = {"cpu": ("reference", "cpp", "triton"), "cuda": ("reference", "triton", "cuda")}
 
 
-def backend_params(device="cpu", exclude=()):
-    """One pytest.param per backend of DEVICE_BACKENDS[device] but ``exclude`` (the caller says why), for the
-    ``backend`` fixture; the CUDA ones carry the gpu marker."""
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return [pytest.param(name, marks=marks, id=name) for name in DEVICE_BACKENDS[device] if name not in exclude]
-
-
 def on_backends(device="cpu", exclude=()):
-    """Parametrise a test's ``backend`` fixture over ``backend_params(device, exclude)``."""
-    return pytest.mark.parametrize("backend", backend_params(device, exclude), indirect=True)
+    """Parametrise a test's ``backend`` fixture over DEVICE_BACKENDS[device] but ``exclude`` (the caller says
+    why); on "cuda" the cases carry the gpu marker."""
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    names = [pytest.param(name, marks=marks, id=name) for name in DEVICE_BACKENDS[device] if name not in exclude]
+    return pytest.mark.parametrize("backend", names, indirect=True)
 
 
 def require(backend, device, dtype, cell):
