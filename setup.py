@@ -38,6 +38,9 @@ def _toolchain():
     return module
 
 
+TOOLCHAIN = _toolchain()
+
+
 def _extensions():
     try:
         import torch
@@ -45,14 +48,13 @@ def _extensions():
     except ImportError:  # metadata-only invocations
         return [], {}
     exts = []
-    toolchain = _toolchain()
-    cpu, cuda = toolchain.CPU, toolchain.CUDA
+    cpu, cuda = TOOLCHAIN.CPU, TOOLCHAIN.CUDA
     if _wanted("FUSEDRNN_BUILD_CPP", shutil.which(os.environ.get("CXX", "c++")) is not None):
         exts.append(
             cpp_extension.CppExtension(cpu.module, cpu.sources(HERE), extra_compile_args=list(cpu.cxx_flags),
                                        extra_link_args=list(cpu.ld_flags))
         )
-    has_cuda = torch.version.cuda is not None and toolchain.configure(cpp_extension) is not None
+    has_cuda = torch.version.cuda is not None and TOOLCHAIN.configure(cpp_extension) is not None
     if _wanted("FUSEDRNN_BUILD_CUDA", has_cuda):
         flags = {"cxx": list(cuda.cxx_flags), "nvcc": list(cuda.nvcc_flags)}
         exts.append(cpp_extension.CUDAExtension(cuda.module, cuda.sources(HERE), extra_compile_args=flags))
@@ -63,11 +65,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
-    package_data={
-        "fusedrnn": ["csrc/cpu/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.h", "csrc/cuda/*.cuh", "csrc/cuda/*.cu",
-                     "csrc/cuda/*.cpp", "csrc/testing/*.h"],
-        "fusedrnn.demo": ["timemachine.txt"],
-    },
+    package_data={"fusedrnn": list(TOOLCHAIN.PACKAGE_DATA), "fusedrnn.demo": ["timemachine.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

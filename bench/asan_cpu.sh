@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# AddressSanitizer + UndefinedBehaviorSanitizer check of the C++ CPU backend (csrc/cpu).
+# AddressSanitizer + UndefinedBehaviorSanitizer check of the C++ CPU backend (fusedrnn/csrc/cpu).
 #
-# Builds csrc/cpu/*.cpp with -fsanitize=address,undefined into a scratch directory (the normal build and
+# Builds fusedrnn/csrc/cpu with -fsanitize=address,undefined into a scratch directory (the normal build and
 # torch's extension cache are left alone), preloads the sanitizer runtimes into Python (torch itself is not
 # instrumented, so leak checking is off: CPython and torch keep memory until exit by design), makes the
 # "cpp" backend load that build, and runs the tests that exercise it. The first sanitizer report stops the
@@ -18,7 +18,6 @@ ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_stack_use_after_return=1:str
 UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
 FUSEDRNN_ASAN_BUILD_DIR="$scratch" \
 python - "$@" <<'PY'
-import glob
 import os
 import sys
 
@@ -26,12 +25,14 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from fusedrnn import toolchain
+
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 module = cpp_extension.load(
     name="fusedrnn_cpp_asan",
-    sources=sorted(glob.glob("csrc/cpu/*.cpp")),
-    extra_cflags=["-O1", "-g", "-fopenmp", *SANITIZE],
-    extra_ldflags=["-fopenmp", *SANITIZE],
+    sources=toolchain.CPU.sources(),
+    extra_cflags=[*(f for f in toolchain.CPU.cxx_flags if not f.startswith("-O")), "-O1", "-g", *SANITIZE],
+    extra_ldflags=[*toolchain.CPU.ld_flags, *SANITIZE],
     build_directory=os.environ["FUSEDRNN_ASAN_BUILD_DIR"],
 )
 sys.modules["fusedrnn._cpp"] = module  # fusedrnn/cpp.py imports its prebuilt extension from here first

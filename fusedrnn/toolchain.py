@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+PACKAGE_DATA = ("csrc/*/*",)  # every source under CSRC ships with the package (setup.py's package_data)
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 _HEADER = Path("include") / "cuda_runtime_api.h"
 

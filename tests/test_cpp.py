@@ -5,6 +5,7 @@ happens when the extension cannot be loaded or built."""
 
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import CELLS, check_oracle, make_pair, random_cotangents, random_h
 
 import fusedrnn
 from fusedrnn import backend as backends
-from fusedrnn import cells, cpp, epilogue, reference, toolchain
+from fusedrnn import cells, cpp, epilogue, reference
 
 pytestmark = pytest.mark.skipif(
     cpp.unavailable_reason("cpu", torch.float32, "lstm") is not None, reason="the cpp extension is unavailable"
@@ -83,6 +84,26 @@ def test_blocked_sum_is_the_epilogues(rows):
     a, b = torch.randn(rows, 12), torch.randn(rows, 7)
     got, want = cpp._module().sum_of_outer(a, b), epilogue.sum_of_outer(a[None], b[None])
     torch.testing.assert_close(got, want, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
+def _sys_cache(level):
+    """(bytes, CPUs sharing it) of cpu0's data or unified cache `level` as Linux lists it, or None."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == str(level) and (index / "type").read_text().strip() != "Instruction":
+            size = (index / "size").read_text().strip()
+            shared = 0
+            for part in (index / "shared_cpu_list").read_text().strip().split(","):
+                first, _, last = part.partition("-")
+                shared += int(last or first) - int(first) + 1
+            return int(size[:-1]) << {"K": 10, "M": 20}[size[-1]], shared
+    return None
+
+
+@pytest.mark.skipif(_sys_cache(2) is None or _sys_cache(3) is None, reason="no cache sizes in /sys")
+def test_cache_budgets_come_from_the_machine():
+    """The scheduling heuristics (csrc/cpu/split.h) budget against this machine's L2 and its share of L3."""
+    (l2, _), (l3, sharing) = _sys_cache(2), _sys_cache(3)
+    assert cpp._module().cache_sizes() == (l2, l3 // sharing)
 
 
 @pytest.mark.parametrize("reverse", (False, True))
@@ -295,16 +316,3 @@ def test_build_failure_auto_warns_once_and_uses_reference(broken_build):
         model(torch.randn(2, 1, 3))
     assert not [w for w in record if "c++: not found" in str(w.message)], "warned twice"
     assert backends.resolve("auto", "cpu", torch.float32, "lstm") == "reference"
-
-
-@pytest.mark.slow
-def test_first_use_build(monkeypatch):
-    """Without the AOT extension, the sources are compiled (or taken from torch's cache) and work."""
-    hide_aot_extension(monkeypatch)
-    try:
-        module, reason = cpp._extension()
-        assert reason is None and module.__name__ == toolchain.CPU.jit_name
-        call = random_layer_call("gru", 3, 2, 4, 5)
-        assert_same(cpp.forward(*call)[:2], reference.forward(*call)[:2], 1e-12)
-    finally:
-        cpp._extension.cache_clear()

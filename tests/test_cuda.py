@@ -8,6 +8,8 @@ write is NaN-poisoned first (fusedrnn.cuda.POISON), so an element a kernel never
 oracle's finiteness check. The gpu-marked tests skip without CUDA; the rest run anywhere.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import (
@@ -17,21 +19,25 @@ from conftest import (
     FLOOR,
     RELU_H_BOUND,
     SHAPE_ARGS,
+    cast_call,
     check_oracle,
     check_stack_oracle,
     keep_off_relu_kink,
     kink_prone,
     make_pair,
+    num_states,
     off_relu_kink,
+    random_cotangents,
     random_hx,
     random_input,
+    random_layer_call,
     random_packed,
-    random_stack,
+    random_stack_call,
     rel_err,
 )
 
+from fusedrnn import cells, reference
 from fusedrnn import cuda as cuda_backend
-from fusedrnn import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCHEMES = ("persistent", "per_step", "gemm")
@@ -44,10 +50,6 @@ def _poisoned(monkeypatch):
 
 def _use_scheme(monkeypatch, scheme):
     monkeypatch.setattr(cuda_backend, "SCHEME", scheme)
-
-
-def _states(bidirectional, layers):
-    return layers * (2 if bidirectional else 1)
 
 
 # ---- anywhere ---------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def test_float64_is_refused():
 def test_matches_cudnn(monkeypatch, scheme, dtype, cell, T, B, I, H, layers, bidirectional):
     _use_scheme(monkeypatch, scheme)
     fused, ref = make_pair(cell, I, H, "cuda", device="cuda", num_layers=layers, bidirectional=bidirectional)
-    x, hx = random_input(T, B, I), random_hx(cell, _states(bidirectional, layers), B, H)
+    x, hx = random_input(T, B, I), random_hx(cell, num_states(layers, bidirectional), B, H)
     if kink_prone(cell, dtype):  # relu in half precision: inputs away from the kink (conftest says why)
         hx = off_relu_kink(fused, ref, x, hx)
     check_oracle(fused, ref, x, hx, dtype=dtype, device="cuda")
@@ -90,7 +92,7 @@ def test_matches_cudnn(monkeypatch, scheme, dtype, cell, T, B, I, H, layers, bid
 def test_lstm_proj(monkeypatch, scheme, dtype, bidirectional, H, P):
     _use_scheme(monkeypatch, scheme)
     fused, ref = make_pair("lstm", 5, H, "cuda", device="cuda", num_layers=2, proj_size=P, bidirectional=bidirectional)
-    hx = random_hx("lstm", _states(bidirectional, 2), 3, H, proj_size=P)
+    hx = random_hx("lstm", num_states(2, bidirectional), 3, H, proj_size=P)
     check_oracle(fused, ref, random_input(6, 3, 5), hx, dtype=dtype, device="cuda")
     assert cuda_backend.last_scheme() == scheme
 
@@ -106,7 +108,7 @@ def test_packed(monkeypatch, scheme, dtype, cell, enforce_sorted, bidirectional)
     lengths = [5, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4]
     fused, ref = make_pair(cell, 3, 6, "cuda", device="cuda", num_layers=2, bidirectional=bidirectional)
     packed = random_packed(lengths, 3, enforce_sorted=enforce_sorted)
-    hx = random_hx(cell, _states(bidirectional, 2), len(lengths), 6)
+    hx = random_hx(cell, num_states(2, bidirectional), len(lengths), 6)
     if kink_prone(cell, dtype):  # relu in half precision: inputs away from the kink (conftest says why)
         hx = off_relu_kink(fused, ref, packed, hx)
     check_oracle(fused, ref, packed, hx, dtype=dtype, device="cuda")
@@ -142,13 +144,13 @@ def test_book_model_runs_persistent(dtype):
 def test_stack_with_dropout_masks(monkeypatch, scheme, dtype, cell):
     """The wavefront's dropout path (torch.nn's cuDNN draws its own masks, so the reference is the baseline)."""
     _use_scheme(monkeypatch, scheme)
-    inputs, cot = random_stack(cell, 3, 9, 5, 7, 33, 33, [9, 4, 7, 1, 9], dropout=True)
+    call = random_stack_call(cell, 3, 9, 5, 7, 33, 33, [9, 4, 7, 1, 9], dropout=True)
+    cot = random_cotangents(call, torch.empty(3, 9, 5, 33, dtype=torch.float64))
     if kink_prone(cell, dtype):  # relu in half precision: inputs away from the kink (conftest says why)
-        x, h0, _, w_ih, w_hh, b_ih, b_hh, _, masks, _ = inputs
-        gain = max(m.max().item() for m in masks)  # dropout's 1 / (1 - p)
-        keep_off_relu_kink([[layer] for layer in zip(w_ih, w_hh, b_ih, b_hh)], x.abs().max().item(), gain)
-        h0.clamp_(-RELU_H_BOUND, RELU_H_BOUND)
-    check_stack_oracle(cuda_backend.stack_forward, cuda_backend.stack_backward, cell, inputs, cot, dtype, True, "cuda")
+        gain = max(m.max().item() for m in call.masks)  # dropout's 1 / (1 - p)
+        keep_off_relu_kink([[layer] for layer in call.weights], call.x.abs().max().item(), gain)
+        call.h0.clamp_(-RELU_H_BOUND, RELU_H_BOUND)
+    check_stack_oracle(cuda_backend.stack_forward, cuda_backend.stack_backward, call, cot, dtype, True, "cuda")
     assert cuda_backend.last_scheme() == scheme
 
 
@@ -162,23 +164,19 @@ def test_weights_too_big_for_chip_run_from_global_memory():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", CELLS)
-def test_contract_fresh_outputs_and_workspace(mode):
-    """The backend call itself: fresh outputs, the reference's ws layout and values (oracle vs float64)."""
+@pytest.mark.parametrize("cell", CELLS)
+def test_contract_fresh_outputs_and_saved(cell):
+    """The backend call itself: fresh outputs, the reference's saved layout and values (oracle vs float64)."""
     T, B, I, H = 4, 3, 5, 6
-    G = reference.GATES[mode]
-    gen = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H) if mode == "lstm" else None]
-    gen += [torch.randn(G * H, I), torch.randn(G * H, H), torch.randn(G * H), torch.randn(G * H), None]
-    lengths = torch.tensor([4, 2, 3])
-    args64 = [t if t is None else t.double() for t in gen]
-    truth = reference.forward(mode, *args64, lengths, True)
-    on_gpu = [t if t is None else t.cuda() for t in gen]
-    got = cuda_backend.forward(mode, *on_gpu, lengths.cuda(), True)
-    base = reference.forward(mode, *on_gpu, lengths.cuda(), True)
+    call = random_layer_call(cell, T, B, I, H, lengths=[4, 2, 3], reverse=True)
+    truth = reference.forward(*call)
+    on_gpu = cast_call(call, torch.float32, "cuda")
+    got, base = cuda_backend.forward(*on_gpu), reference.forward(*on_gpu)
     outs = [t for t in got if t is not None and t.numel()]
+    inputs = [t for t in (on_gpu.x, on_gpu.h0, on_gpu.c0, *on_gpu.weights) if t is not None]
     assert len({t.data_ptr() for t in outs}) == len(outs)
-    assert not any(t.data_ptr() == a.data_ptr() for t in outs for a in on_gpu if a is not None)
-    assert got[3].shape == cuda_backend.workspace_shape(mode, T, B, H, H)
+    assert not any(t.data_ptr() == a.data_ptr() for t in outs for a in inputs)
+    assert got[3].shape == cells.saved_shape(cell, T, B, H)
     for g, b, t in zip(got, base, truth):
         if t is None:
             assert g is None
@@ -199,17 +197,18 @@ def test_a_refused_launch_leaves_no_cuda_error(monkeypatch):
 
 
 # ---- CUDA graphs and host-device synchronisation -------------------------------------------------------------
-# The CUDA path (fusedrnn/modules.py -> ops.py -> cuda.py -> csrc/cuda_binding.cpp) must not read device values
-# on the host: no .item(), no copies to the CPU, no host tensors built per call, no branch on tensor values. Shapes,
-# flags and cached device properties decide everything, so a short call can be captured in a CUDA graph.
-SYNC_FREE_SOURCES = ("fusedrnn/cuda.py", "fusedrnn/planner.py", "csrc/cuda_binding.cpp")
+# The CUDA path (fusedrnn/modules.py -> ops.py -> cuda.py -> epilogue.py and csrc/cuda/binding.cpp) must not read
+# device values on the host: no .item(), no copies to the CPU, no host tensors built per call, no branch on tensor
+# values. Shapes, flags and cached device properties decide everything, so a short call can be captured in a CUDA
+# graph.
+SYNC_FREE_SOURCES = ("cuda.py", "planner.py", "epilogue.py", "csrc/cuda/binding.cpp")  # under fusedrnn/
 DEVICE_READS = (".item(", "item<", ".cpu()", ".tolist()", "synchronize", "kCPU", "torch.tensor(", ".nonzero(")
 
 
 def test_cuda_path_reads_no_device_values():
     """A guard anywhere (the GPU tests below are the proof): none of the calls that copy device values to the
     host appears in the CUDA backend's Python or binding sources."""
-    root = cuda_backend.CSRC.parent
+    root = Path(cuda_backend.__file__).parent
     found = [(name, what) for name in SYNC_FREE_SOURCES for what in DEVICE_READS if what in (root / name).read_text()]
     assert not found, f"host reads of device values in the CUDA path: {found}"
 

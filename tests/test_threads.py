@@ -6,13 +6,11 @@ import threading
 
 import pytest
 import torch
-from conftest import make_pair, random_hx, random_input, run_model
+from conftest import make_pair, on_backends, random_hx, random_input, require, run_model
 
-import fusedrnn
-
-# The Triton interpreter patches triton.language globally while it runs a program: not for threads.
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
 ROUNDS = 4
+# The Triton interpreter patches triton.language globally while it runs a program: not for threads.
+NOT_THREADED = ("triton",)
 
 
 def _job(cell, backend, device):
@@ -53,23 +51,21 @@ def run_concurrently(jobs):
     return failures
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends("cpu", exclude=NOT_THREADED)
 def test_two_threads_two_modules(backend):
     jobs = [_job("lstm", backend, "cpu"), _job("gru", backend, "cpu")]
     assert run_concurrently(jobs) == []
 
 
 def test_two_threads_two_backends():
-    """The fast CPU backend and the reference side by side (when the C++ extension is available)."""
-    first = CPU_BACKENDS[-1]
-    jobs = [_job("lstm", "reference", "cpu"), _job("rnn_tanh", first, "cpu")]
+    """The fast CPU backend and the reference side by side."""
+    require("cpp", "cpu", torch.float32, "rnn_tanh")
+    jobs = [_job("lstm", "reference", "cpu"), _job("rnn_tanh", "cpp", "cpu")]
     assert run_concurrently(jobs) == []
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_two_threads_two_modules_gpu(backend):
-    if backend not in fusedrnn.available_backends("cuda"):
-        pytest.skip(f"{backend} is not available on this GPU machine")
-    jobs = [_job("lstm", backend, "cuda"), _job("gru", backend, "cuda")]
+@pytest.mark.parametrize("device", ["cuda"])  # the backend fixture checks the backend runs there
+@on_backends("cuda", exclude=("reference",))
+def test_two_threads_two_modules_gpu(backend, device):
+    jobs = [_job("lstm", backend, device), _job("gru", backend, device)]
     assert run_concurrently(jobs) == []

@@ -1,12 +1,17 @@
-"""fusedrnn/toolchain.py: the CUDA build finds its toolkit and architectures without CUDA variables, as on a
-build machine without a GPU (the real build: .ci/cuda_build.sh)."""
+"""fusedrnn/toolchain.py, the one build config: the sources and flags every build reads (setup.py, cpp.py and cuda.py
+restate none), and the CUDA build finding its toolkit and architectures without CUDA variables, as on a build
+machine without a GPU (the real build: .ci/cuda_build.sh; an installed wheel's build: test_wheel_install.py)."""
 
 import os
+import re
 import types
+from pathlib import Path
 
 import pytest
 
 from fusedrnn import toolchain
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -68,3 +73,21 @@ def test_configure_sets_only_what_is_unset(tmp_path, monkeypatch, no_cuda_variab
     builder = types.SimpleNamespace(CUDA_HOME="/opt/cuda")
     toolchain.configure(builder)
     assert (builder.CUDA_HOME, os.environ["TORCH_CUDA_ARCH_LIST"]) == ("/opt/cuda", "9.0")
+
+
+def test_the_sources_are_the_packages_by_target():
+    """The CPU extension is every csrc/cpu/*.cpp; the CUDA one every csrc/cuda kernel file and its binding; the
+    host emulation (csrc/testing) is in neither."""
+    cpu, cuda = toolchain.CPU.sources(toolchain.CSRC), toolchain.CUDA.sources(toolchain.CSRC)
+    assert cpu == sorted(f"cpu/{p.name}" for p in (toolchain.CSRC / "cpu").glob("*.cpp")) and "cpu/binding.cpp" in cpu
+    assert sorted(cuda) == sorted([*(f"cuda/{p.name}" for p in (toolchain.CSRC / "cuda").glob("*.cu")),
+                                   "cuda/binding.cpp"])
+    assert toolchain.CPU.sources()[0] == str(toolchain.CSRC / cpu[0])  # absolute without relative_to
+
+
+@pytest.mark.parametrize("path", ["setup.py", "fusedrnn/cpp.py", "fusedrnn/cuda.py"])
+def test_no_build_restates_a_flag_or_a_source(path):
+    """Flags and source lists live in toolchain.py only: the builds read them from there."""
+    text = (ROOT / path).read_text()
+    assert not re.search(r"[\"'](-O\d|-fopenmp|-std=|-gencode)", text), f"{path} restates a compiler flag"
+    assert not re.search(r"glob\(|\.cpp[\"']|\.cu[\"']", text), f"{path} lists sources itself"

@@ -10,6 +10,7 @@
 
 #include "api.h"
 #include "blocks.h"
+#include "cache.h"
 
 namespace fusedrnn::cpu {
 namespace {
@@ -82,5 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_constants", &cell_constants, "{cell: (gates, saved rows per unit)}");
   m.def("row_blocks", &row_blocks, "the float32 weight gradients' row blocks of `rows` rows: [(begin, end)]");
   m.def("sum_of_outer", &sum_of_outer, "(a (R, M), b (R, N)) -> (M, N): the epilogue's blocked sum of a^T b");
+  m.def("cache_sizes", [] { return std::make_pair(cache_sizes().l2, cache_sizes().l3_per_core); },
+        "(L2 bytes per core, L3 bytes per core) as the scheduling heuristics read them (cache.h)");
   m.attr("block_rows") = kBlockRows;
 }
