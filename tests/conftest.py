@@ -111,21 +111,16 @@ def backend(request):
 TRITON_VARIANTS = ("persistent", "split")  # fusedrnn/triton/common.py's VARIANTS, less "auto" (which picks one)
 
 
-def force_triton_variant(monkeypatch, name):
-    """Make the Triton kernels run variant ``name`` for the test: one launch looping over all steps, or per-step
-    launches of each phase over (batch tile x unit tile) programs."""
-    from fusedrnn.triton import common
-
-    monkeypatch.setattr(common, "VARIANT", name)
-
-
-@pytest.fixture
+@pytest.fixture(params=TRITON_VARIANTS)
 def triton_variant(request, monkeypatch):
-    """The Triton variant a test is parametrised with (indirect), forced for it; None leaves the default."""
-    name = getattr(request, "param", None)
-    if name is not None:
-        force_triton_variant(monkeypatch, name)
-    return name
+    """Runs a test that uses it once per variant of the Triton kernels: one launch looping over all steps, or
+    per-step launches of each phase over (batch tile x unit tile) programs. A test parametrised with it (indirect)
+    picks its own; None leaves the default."""
+    if request.param is not None:
+        from fusedrnn.triton import common
+
+        monkeypatch.setattr(common, "VARIANT", request.param)
+    return request.param
 
 
 # ---- building matching models ---------------------------------------------------------------------------

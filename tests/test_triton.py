@@ -15,10 +15,8 @@ from conftest import (
     CELLS,
     FACTOR,
     FLOOR,
-    TRITON_VARIANTS,
     cast_call,
     check_oracle,
-    force_triton_variant,
     make_pair,
     random_cotangents,
     random_hx,
@@ -32,14 +30,10 @@ from fusedrnn import triton as triton_backend
 from fusedrnn.cells import LayerWeights
 
 _REASON = triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}")
-
-
-@pytest.fixture(autouse=True, params=TRITON_VARIANTS)
-def variant(request, monkeypatch):
-    """Every test runs both variants of the kernels (conftest.force_triton_variant)."""
-    force_triton_variant(monkeypatch, request.param)
-    return request.param
+pytestmark = [
+    pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}"),
+    pytest.mark.usefixtures("triton_variant"),  # every test in both variants
+]
 
 
 @pytest.fixture
@@ -205,7 +199,7 @@ def test_tile_matmul_rounds_tf32_operands(precision):
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_layer_products_round_tf32_operands(allow_tf32):
-    """The rounding reaches the recurrent product of a whole layer, in each variant (the autouse fixture): h0 =
+    """The rounding reaches the recurrent product of a whole layer, in each variant (conftest.triton_variant): h0 =
     1 + 0.75 ulp (tf32's ulp, 2**-10) times a W_hh of 2**-6 over H = 64 units (two unit tiles in the split variant)
     sums exactly to h0's value in fp32; rounded to nearest first it is 1 + 1 ulp, truncated 1. y = tanh of it."""
     T, B, H, a_value = 1, 16, 64, 1 + 0.75 * 2.0**-10

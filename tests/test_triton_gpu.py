@@ -10,9 +10,7 @@ import pytest
 import torch
 from conftest import (
     CELLS,
-    TRITON_VARIANTS,
     check_oracle,
-    force_triton_variant,
     kink_prone,
     make_pair,
     num_states,
@@ -22,7 +20,7 @@ from conftest import (
     random_packed,
 )
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("triton_variant")]  # every test in both variants
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -33,13 +31,6 @@ def _triton_on_cuda():
     reason = triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
     if reason is not None:
         pytest.skip(f"triton backend on CUDA: {reason}")
-
-
-@pytest.fixture(autouse=True, params=TRITON_VARIANTS)
-def variant(request, monkeypatch):
-    """Both variants of the kernels (conftest.force_triton_variant) on every test."""
-    force_triton_variant(monkeypatch, request.param)
-    return request.param
 
 
 @pytest.fixture
@@ -106,7 +97,7 @@ def test_book_model(dtype):
     _check("lstm", random_input(35, 32, 28), 256, dtype, layers=2)
 
 
-@pytest.mark.parametrize("variant", ["split"], indirect=True)  # it launches the split variant itself: once
+@pytest.mark.parametrize("triton_variant", ["split"], indirect=True)  # it launches the split variant itself: once
 def test_split_variant_replays_repeated_launches_from_a_cuda_graph(monkeypatch):
     """The same split-variant launches three times with the same pointers (what a training loop gives): run
     directly, then captured and replayed, then replayed. Every run writes the same y, and it is the recurrence's."""
