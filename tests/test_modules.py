@@ -4,11 +4,14 @@ float64 must match torch.nn to ~1e-12; float32 is held to the oracle in conftest
 the one matrix of model-and-input cases per backend and dtype (batched, unbatched, packed, with and without hx);
 the GPU's is in test_cuda.py and test_triton_gpu.py, random ones in test_fuzz.py."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import (
     AWKWARD_SHAPES,
     CELLS,
+    DEVICE_BACKENDS,
     TRITON_VARIANTS,
     Case,
     case_id,
@@ -22,6 +25,7 @@ from conftest import (
 
 DTYPES = (torch.float64, torch.float32)
 NOT_INTERPRETED = ("triton",)  # the Triton interpreter runs its own, smaller cases below (far too slow for these)
+NATIVE = tuple(b for b in DEVICE_BACKENDS["cpu"] if b not in NOT_INTERPRETED)
 
 
 def _batched(cells, shapes, **kwargs):
@@ -35,13 +39,13 @@ def _packed(cells, lengths, I, H, enforce_sorted=False, **kwargs):
             for cell in cells]
 
 
-COMPILED_CASES = [  # reference and cpp, float64 and float32
+NATIVE_CASES = [  # NATIVE backends, float64 and float32
     *_batched(CELLS, [*AWKWARD_SHAPES, (3, 2, 5, 8, 3, True)]),
     *(Case("lstm", 5, 9, 6, 3, {"num_layers": 2, "proj_size": 4, "bidirectional": d}) for d in (False, True)),
     *(c for d in (False, True) for c in _packed(CELLS, [5, 4, 2, 1], 3, 6, True, num_layers=2, bidirectional=d)),
     *(c for d in (False, True) for c in _packed(CELLS, [2, 5, 1, 4], 3, 6, num_layers=2, bidirectional=d)),
 ]
-FLOAT64_CASES = [  # reference and cpp, float64 only
+FLOAT64_CASES = [  # NATIVE backends, float64 only
     *(Case(cell, 4, 6, 5, 1, {"num_layers": 2, "bidirectional": True, "batch_first": f}, "unbatched")
       for cell in CELLS for f in (False, True)),
     *(Case(cell, 4, 7, 5, 3, {"num_layers": 2, "bias": False, "batch_first": True}, with_hx=False) for cell in CELLS),
@@ -62,14 +66,17 @@ INTERPRETED_CASES = [  # triton on CPU tensors (its interpreter), float32, every
 
 
 def _rows(backends, dtypes, cases, variants=(None,)):
-    return [pytest.param(backend, variant, dtype, case, id="-".join(filter(None, (backend, variant, str(dtype)[6:],
-                                                                                    case_id(case)))))
-            for backend in backends for variant in variants for dtype in dtypes for case in cases]
+    """(backend, Triton variant, dtype, case) params, one per combination, with readable ids."""
+    def row(backend, variant, dtype, case):
+        words = (backend, variant, str(dtype).removeprefix("torch."), case_id(case))
+        return pytest.param(backend, variant, dtype, case, id="-".join(w for w in words if w))
+
+    return [row(*combination) for combination in itertools.product(backends, variants, dtypes, cases)]
 
 
 MATRIX = [
-    *_rows(("reference", "cpp"), DTYPES, COMPILED_CASES),
-    *_rows(("reference", "cpp"), (torch.float64,), FLOAT64_CASES),
+    *_rows(NATIVE, DTYPES, NATIVE_CASES),
+    *_rows(NATIVE, (torch.float64,), FLOAT64_CASES),
     *_rows(("cpp",), DTYPES, SHORT_CASES),
     *_rows(("triton",), (torch.float32,), INTERPRETED_CASES, TRITON_VARIANTS),
 ]
