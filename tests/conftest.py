@@ -22,8 +22,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedrnn
+from fusedrnn import backend as backends
 from fusedrnn import cells
 from fusedrnn.cells import LayerWeights
+from fusedrnn.modules import FUSED_CLASSES as FUSED_BY_TORCH_CLASS
 
 # Strict float32 (bench/gpu_check.sh sets FUSEDRNN_STRICT_FP32=1 for its GPU test stages): torch.nn's cuDNN
 # baseline computes float32 without TF32, so its own error is ~1e-6 instead of ~1e-3 and the oracle below
@@ -49,8 +51,8 @@ AWKWARD_SHAPES = [  # (T, B, I, H, layers, bidirectional), shared by the per-bac
     (7, 2, 9, 123, 2, True),  # H=123, I != H
     (4, 5, 6, 6, 3, False),
 ]
-TORCH_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
-FUSED_CLASSES = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
+TORCH_CLASSES = {name: cell.nn_class for name, cell in cells.CELLS.items()}
+FUSED_CLASSES = {name: FUSED_BY_TORCH_CLASS[cls] for name, cls in TORCH_CLASSES.items()}
 
 
 def pytest_configure(config):
@@ -72,12 +74,64 @@ def _seed():
     random.seed(0)
 
 
+# ---- the backends a test runs on ------------------------------------------------------------------------------
+# The backends that can run a device type's tensors at all; whether one runs a particular (dtype, cell) there is
+# its own unavailable_reason's answer. On the CPU: cpp, the reference, and triton in its interpreter (a testing aid,
+# never chosen automatically; conftest sets TRITON_INTERPRET=1 without CUDA). cuda runs CUDA tensors only.
+DEVICE_BACKENDS = {"cpu": ("reference", "cpp", "triton"), "cuda": ("reference", "triton", "cuda")}
+
+
+def on_backends(device="cpu", exclude=()):
+    """Parametrise a test's ``backend`` fixture over DEVICE_BACKENDS[device] but ``exclude`` (the caller says
+    why); on "cuda" the cases carry the gpu marker."""
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    names = [pytest.param(name, marks=marks, id=name) for name in DEVICE_BACKENDS[device] if name not in exclude]
+    return pytest.mark.parametrize("backend", names, indirect=True)
+
+
+def require(backend, device, dtype, cell):
+    """Skip the test, with the backend's own reason, where ``backend`` cannot run (device, dtype, cell)."""
+    reason = backends._reason(backend, torch.device(device).type, dtype, cell)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run {cell} in {dtype} on {device}: {reason}")
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name a test is parametrised with (``on_backends``, or indirect=["backend"]), skipped with the
+    backend's own reason where it cannot run the test's ``device``, ``dtype`` and ``cell`` parameters (where the
+    test has none: cuda if it is marked gpu, else cpu; float32; lstm. A test that runs other cases calls
+    ``require`` for them)."""
+    params = request.node.callspec.params
+    device = params.get("device", "cuda" if request.node.get_closest_marker("gpu") else "cpu")
+    require(request.param, device, params.get("dtype", torch.float32), params.get("cell", "lstm"))
+    return request.param
+
+
+TRITON_VARIANTS = ("persistent", "split")  # fusedrnn/triton/common.py's VARIANTS, less "auto" (which picks one)
+
+
+@pytest.fixture(params=TRITON_VARIANTS)
+def triton_variant(request, monkeypatch):
+    """Runs a test that uses it once per variant of the Triton kernels: one launch looping over all steps, or
+    per-step launches of each phase over (batch tile x unit tile) programs. A test parametrised with it (indirect)
+    picks its own; None leaves the default."""
+    if request.param is not None:
+        from fusedrnn.triton import common
+
+        monkeypatch.setattr(common, "VARIANT", request.param)
+    return request.param
+
+
 # ---- building matching models ---------------------------------------------------------------------------
 def cell_kwargs(cell, proj_size=0):
-    kwargs = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
-    if proj_size:
-        kwargs["proj_size"] = proj_size
-    return kwargs
+    """What a torch.nn (or fused) constructor needs to be ``cell``, with ``proj_size`` when nonzero."""
+    return {**cells.CELLS[cell].nn_kwargs, **({"proj_size": proj_size} if proj_size else {})}
+
+
+def num_states(layers, bidirectional):
+    """The leading size of h0 / c0: num_layers * num_directions."""
+    return layers * (2 if bidirectional else 1)
 
 
 def make_pair(cell, input_size, hidden_size, backend="auto", dtype=torch.float32, device="cpu", **kwargs):
@@ -179,6 +233,58 @@ def random_packed(lengths, I, enforce_sorted=False, dtype=torch.float64):
     return nn.utils.rnn.pack_sequence(seqs, enforce_sorted=enforce_sorted)
 
 
+# ---- one model-and-input problem, by value -----------------------------------------------------------------
+class Case(NamedTuple):
+    """A fused-vs-torch.nn problem: test_modules.py's matrix lists them, test_fuzz.py draws them."""
+
+    cell: str
+    input_size: int
+    hidden: int
+    T: int
+    batch: int
+    kwargs: dict  # the constructors' other keywords: num_layers, bidirectional, batch_first, bias, proj_size
+    form: str = "batched"  # "batched" (batch_first as kwargs say), "unbatched" ((T, I), batch 1), "packed"
+    lengths: tuple = ()  # "packed": the batch's lengths, any order
+    enforce_sorted: bool = False  # "packed": lengths in decreasing order, packed with enforce_sorted
+    with_hx: bool = True  # False: the model starts from zero states
+
+
+def case_id(case):
+    """A readable test id: cell, sizes, the non-default keywords and fields."""
+    words = [case.cell, f"T{case.T}", f"B{case.batch}", f"I{case.input_size}", f"H{case.hidden}"]
+    words += [f"{k}={v}" for k, v in case.kwargs.items()]
+    words += [case.form, *map(str, case.lengths)] if case.form != "batched" else []
+    words += ["sorted"] if case.enforce_sorted else []
+    return "-".join(words + ([] if case.with_hx else ["no_hx"]))
+
+
+def case_inputs(case):
+    """(x, hx) of a Case in float64 (hx None without with_hx); unbatched hx drops its batch axis like x."""
+    if case.form == "packed":
+        x = random_packed(case.lengths, case.input_size, case.enforce_sorted)
+    elif case.form == "unbatched":  # (T, I) whatever batch_first says
+        x = random_input(case.T, 1, case.input_size)[:, 0]
+    else:
+        x = random_input(case.T, case.batch, case.input_size, case.kwargs.get("batch_first", False))
+    if not case.with_hx:
+        return x, None
+    states = num_states(case.kwargs.get("num_layers", 1), case.kwargs.get("bidirectional", False))
+    hx = random_hx(case.cell, states, case.batch, case.hidden, case.kwargs.get("proj_size", 0))
+    if case.form == "unbatched":
+        hx = tuple(h[:, 0] for h in hx) if isinstance(hx, tuple) else hx[:, 0]
+    return x, hx
+
+
+def check_case(case, backend, dtype, device="cpu"):
+    """Hold ``backend`` to the oracle on ``case`` in (dtype, device), and check that it ran (skipped, with the
+    backend's reason, where it cannot run the case). Relu in half precision on CUDA meets its kink by chance:
+    such cases need off_relu_kink (below)."""
+    require(backend, device, dtype, case.cell)
+    fused, ref = make_pair(case.cell, case.input_size, case.hidden, backend, device=device, **case.kwargs)
+    check_oracle(fused, ref, *case_inputs(case), dtype=dtype, device=device)
+    assert fused.last_backend == backend
+
+
 # ---- relu RNNs in half precision: inputs kept away from relu's kink ------------------------------------------
 # Where a pre-activation lies within rounding of 0, whether relu passes the gradient depends on its last bit, so
 # two correct half-precision implementations (cuDNN, ours) disagree there by O(1) in that element, and "within
@@ -194,17 +300,17 @@ RELU_H_BOUND = (2 + RELU_MARGIN) / (1 - 2 * RELU_RHO)
 
 @torch.no_grad()
 def keep_off_relu_kink(layers, x_bound, input_gain=1.0):
-    """Rescale a relu RNN's weights in place as above. layers: per layer, a list of (w_ih (H, I), w_hh (H, H),
-    b_ih (H,), b_hh (H,)) per direction; layer 0's inputs satisfy |x| <= x_bound, a higher layer's are the
+    """Rescale a relu RNN's weights in place as above. layers: per layer, a LayerWeights per direction (w_ih
+    (H, I), w_hh (H, H), b_ih, b_hh (H,)); layer 0's inputs satisfy |x| <= x_bound, a higher layer's are the
     outputs below times at most input_gain (dropout's 1 / (1 - p)). Initial states need |h0| <= RELU_H_BOUND."""
     bound = x_bound
     for directions in layers:
-        for w_ih, w_hh, b_ih, b_hh in directions:
-            w_ih.div_(w_ih.abs().sum(1, keepdim=True) * bound)
-            w_hh.div_(w_hh.abs().sum(1, keepdim=True) / RELU_RHO)
-            b_ih.zero_()
-            signs = torch.arange(b_hh.numel(), device=b_hh.device) % 2 * 2 - 1
-            b_hh.copy_(signs * (RELU_MARGIN + 1 + RELU_RHO * RELU_H_BOUND))
+        for w in directions:
+            w.w_ih.div_(w.w_ih.abs().sum(1, keepdim=True) * bound)
+            w.w_hh.div_(w.w_hh.abs().sum(1, keepdim=True) / RELU_RHO)
+            w.b_ih.zero_()
+            signs = torch.arange(w.b_hh.numel(), device=w.b_hh.device) % 2 * 2 - 1
+            w.b_hh.copy_(signs * (RELU_MARGIN + 1 + RELU_RHO * RELU_H_BOUND))
         bound = RELU_H_BOUND * input_gain
 
 
@@ -212,7 +318,8 @@ def relu_layers(model):
     """A relu nn.RNN's parameters in keep_off_relu_kink's layout."""
     suffixes = ("", "_reverse") if model.bidirectional else ("",)
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    return [[tuple(getattr(model, f"{n}_l{l}{s}") for n in names) for s in suffixes] for l in range(model.num_layers)]
+    return [[LayerWeights(*(getattr(model, f"{n}_l{l}{s}") for n in names)) for s in suffixes]
+            for l in range(model.num_layers)]
 
 
 def off_relu_kink(fused, ref, x, hx):
@@ -241,15 +348,20 @@ class LayerCall(NamedTuple):
 
 
 def random_weights(cell, I, H, P=None, bias=True, dtype=torch.float64, device="cpu", scale=0.4):
-    """A random LayerWeights (cells.py shapes); P != H gives an LSTM projection."""
+    """A random LayerWeights (cells.py shapes); P != H gives an LSTM projection. scale: the matrices' standard
+    deviation, or "fan_in" for 1 / sqrt(columns) each (pre-activations of order 1 at any size, as torch.nn's
+    initialisation keeps them); the biases' is 1."""
     G, P = cells.gates(cell), P or H
 
     def rand(*shape, s=1.0):
         return torch.randn(*shape, dtype=dtype, device=device) * s
 
+    def matrix(rows, cols):
+        return rand(rows, cols, s=cols**-0.5 if scale == "fan_in" else scale)
+
     return LayerWeights(
-        rand(G * H, I, s=scale), rand(G * H, P, s=scale), rand(G * H) if bias else None, rand(G * H) if bias else None,
-        rand(P, H, s=scale) if P != H else None,
+        matrix(G * H, I), matrix(G * H, P), rand(G * H) if bias else None, rand(G * H) if bias else None,
+        matrix(P, H) if P != H else None,
     )
 
 
@@ -269,60 +381,78 @@ def random_layer_call(cell, T, B, I, H, P=None, lengths=None, reverse=False, bia
 
 
 def random_cotangents(call, y):
-    """Random (dy, dh_n, dc_n) for a forward call's outputs: y (T, B, P) and the call's states."""
+    """Random (dy, dh_n, dc_n) for a forward call's outputs: y (T, B, P) (a stack's ys: (L, T, B, P)) and the
+    call's states."""
     return torch.randn_like(y), torch.randn_like(call.h0), None if call.c0 is None else torch.randn_like(call.c0)
 
 
 # ---- the stack contract (reference.py), called directly ------------------------------------------------
-def random_stack(mode, L, T, B, I, H, P, lengths=None, dropout=True):
-    """Random float64 CPU inputs of a stack call, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths),
-    and cotangents (dys, dh_n, dc_n)."""
-    G = fusedrnn.reference.GATES[mode]
+class StackCall(NamedTuple):
+    """The arguments of one backend ``stack_forward`` in contract order: ``backend.stack_forward(*call, save)``."""
 
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, dtype=torch.float64) * scale
-
-    def weights(cols):
-        return [rand(G * H, cols(k), scale=cols(k) ** -0.5) for k in range(L)]
-
-    c0 = rand(L, B, H) if mode == "lstm" else None
-    w_hr = [rand(P, H, scale=H**-0.5) for _ in range(L)] if P != H else []
-    masks = [torch.bernoulli(torch.full((T, B, P), 0.6, dtype=torch.float64)) / 0.6 for _ in range(L - 1)]
-    lengths = torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None
-    inputs = (rand(T, B, I), rand(L, B, P), c0, weights(lambda k: I if k == 0 else P), weights(lambda k: P),
-              [rand(G * H) for _ in range(L)], [rand(G * H) for _ in range(L)], w_hr, masks if dropout else [],
-              lengths)
-    return inputs, (rand(L, T, B, P), rand(L, B, P), rand(L, B, H) if mode == "lstm" else None)
+    cell: str
+    x: torch.Tensor  # (T, B, I)
+    h0: torch.Tensor  # (L, B, P)
+    c0: torch.Tensor | None  # (L, B, H) for lstm
+    weights: list  # L LayerWeights; layer l > 0 has input size P
+    masks: list  # L - 1 dropout masks (T, B, P), 1/(1-p) scale included; empty without dropout
+    lengths: torch.Tensor | None  # (B,) int64
 
 
-def stack_results(forward, backward, mode, inputs, cot, dtype, need_dx=True, device="cpu"):
-    """Forward then backward of a stack (the reference's stack signatures) on (dtype, device): outputs and
-    gradients in one flat list, per-layer lists expanded."""
+def random_stack_call(cell, L, T, B, I, H, P=None, lengths=None, dropout=True, bias=True, dtype=torch.float64,
+                      device="cpu"):
+    """Random arguments of one stack forward (StackCall), weights at "fan_in" scale; lengths: a list or None."""
+    P = P or H
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    weights = [random_weights(cell, I if layer == 0 else P, H, P, bias, dtype, device, "fan_in") for layer in range(L)]
+    masks = [torch.bernoulli(torch.full((T, B, P), 0.6, dtype=dtype, device=device)) / 0.6 for _ in range(L - 1)]
+    return StackCall(
+        cell, rand(T, B, I), rand(L, B, P), rand(L, B, H) if cells.CELLS[cell].has_c else None, weights,
+        masks if dropout else [], None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device),
+    )
+
+
+def random_stack_cotangents(call):
+    """Random (dys, dh_n, dc_n) for a StackCall, without running it: ys is (L, T, B, P)."""
+    L, B, P = call.h0.shape
+    return random_cotangents(call, call.x.new_empty(L, call.x.shape[0], B, P))
+
+
+def cast_call(call, dtype, device="cpu"):
+    """A LayerCall or StackCall (or cotangents: a tuple of tensors and None) with its floating tensors in
+    (dtype, device) and lengths on device."""
 
     def cast(t):
-        if isinstance(t, list):
-            return [cast(u) for u in t]
-        if t is None or t.dtype == torch.int64:
-            return t if t is None else t.to(device)
-        return t.to(device=device, dtype=dtype)
+        if isinstance(t, (list, tuple)):  # LayerWeights and the calls are tuples too
+            items = [cast(u) for u in t]
+            return type(t)(*items) if hasattr(t, "_fields") else type(t)(items)
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
-    args = [cast(t) for t in inputs]
-    ys, h_n, c_n, ws = forward(mode, *args)
-    grads = backward(mode, *args, ys, ws, *(cast(t) for t in cot), need_dx)
-    flat = []
-    for item in (ys, h_n, c_n, *grads):
-        flat.extend(item if isinstance(item, list) else [item])
-    return flat
+    return cast(call)
 
 
-def check_stack_oracle(forward, backward, mode, inputs, cot, dtype, need_dx=True, device="cpu"):
-    """The oracle for a backend's stack calls; the baseline is the reference backend in the same dtype and
-    device (torch.nn has no call with explicit dropout masks)."""
+def stack_results(forward, backward, call, cot, dtype, need_dx=True, device="cpu"):
+    """Forward then backward of a StackCall (the stack contract) in (dtype, device) with cotangents cot = (dys,
+    dh_n, dc_n): the outputs (ys, h_n, c_n) and then the gradients (dx, dh0, dc0, then every layer's LayerWeights
+    fields in order) in one flat list."""
+    call, cot = cast_call(call, dtype, device), cast_call(cot, dtype, device)
+    ys, h_n, c_n, saved = forward(*call)
+    dx, dh0, dc0, dweights = backward(*call, ys, saved, *cot, need_dx)
+    return [ys, h_n, c_n, dx, dh0, dc0, *(g for layer in dweights for g in layer)]
+
+
+def check_stack_oracle(forward, backward, call, cot, dtype, need_dx=True, device="cpu"):
+    """The oracle for a backend's stack calls on a float64 CPU StackCall; the baseline is the reference backend in
+    the same dtype and device (torch.nn has no call with explicit dropout masks)."""
     reference = fusedrnn.reference
-    truth = stack_results(reference.stack_forward, reference.stack_backward, mode, inputs, cot, torch.float64,
-                          need_dx)
-    base = stack_results(reference.stack_forward, reference.stack_backward, mode, inputs, cot, dtype, need_dx, device)
-    got = stack_results(forward, backward, mode, inputs, cot, dtype, need_dx, device)
+    truth = stack_results(reference.stack_forward, reference.stack_backward, call, cot, torch.float64, need_dx)
+    base = stack_results(reference.stack_forward, reference.stack_backward, call, cot, dtype, need_dx, device)
+    got = stack_results(forward, backward, call, cot, dtype, need_dx, device)
     assert len(got) == len(truth)
     for i, (g, b, t) in enumerate(zip(got, base, truth)):
         if t is None:

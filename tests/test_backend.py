@@ -15,16 +15,11 @@ def test_reference_always_available():
     assert "reference" in fusedrnn.available_backends()
 
 
-def test_argument_beats_environment(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    model = fusedrnn.GRU(3, 4, backend="reference")
-    model(torch.randn(2, 1, 3))
-    assert model.last_backend == "reference"
-
-
-def test_environment_beats_auto(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "reference")
-    model = fusedrnn.GRU(3, 4)
+@pytest.mark.parametrize("environment,argument", [("cuda", "reference"), ("reference", "auto")],
+                         ids=["argument_beats_environment", "environment_beats_auto"])
+def test_precedence(monkeypatch, environment, argument):
+    monkeypatch.setenv(backends.ENV_VAR, environment)
+    model = fusedrnn.GRU(3, 4, backend=argument)
     model(torch.randn(2, 1, 3))
     assert model.last_backend == "reference"
 

@@ -79,15 +79,19 @@ def test_convert_nested_model_keeps_weights_and_outputs():
     assert model.encoder[1].last_backend == "reference"
 
 
-def test_convert_leaves_subclasses_and_rejects_non_modules():
-    class Custom(nn.LSTM):
+@pytest.mark.parametrize("change,base", [(fusedrnn.convert, nn.LSTM), (fusedrnn.revert, fusedrnn.GRU)],
+                         ids=["convert", "revert"])
+def test_leaves_subclasses_and_rejects_non_modules(change, base):
+    """convert swaps only torch.nn's own classes for fused ones, revert only the fused ones back."""
+
+    class Custom(base):
         pass
 
     model = nn.Sequential(Custom(3, 4))
-    fusedrnn.convert(model)
+    change(model)
     assert type(model[0]) is Custom
     with pytest.raises(TypeError):
-        fusedrnn.convert("not a model")
+        change("not a model")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

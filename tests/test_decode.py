@@ -1,7 +1,8 @@
 """Small calls on the CPU: generation one step at a time and short sequences.
 
 - The cpp backend's direct driver (a few steps: products on the weights as stored, no packed panels) against
-  torch.nn under the oracle, with every option that reaches its cell rows (biases, proj_size, reverse, lengths).
+  torch.nn under the oracle, with every option that reaches its cell rows (biases, proj_size, reverse, lengths):
+  test_modules.py::test_matches_torch's SHORT_CASES.
 - A decode loop carrying the state, as text generation runs it.
 - Every way of changing a parameter between two calls gives the output torch.nn gives after the same change: the
   cpp backend keeps no weights between calls (nothing can go stale), and these tests hold any future cache to that.
@@ -11,34 +12,15 @@
 
 import pytest
 import torch
-from conftest import CELLS, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
+from conftest import CELLS, make_pair, random_hx, random_input, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 from fusedrnn import backend as backends
-from fusedrnn import cpp
 
-pytestmark = pytest.mark.skipif(
-    cpp.unavailable_reason("cpu", torch.float32, "lstm") is not None, reason="the cpp extension is unavailable"
-)
-
-
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("T,B,bias,bidirectional", [(1, 1, True, False), (2, 32, False, True), (8, 2, True, True)])
-def test_short_sequences_match_torch(dtype, cell, T, B, bias, bidirectional):
-    fused, ref = make_pair(cell, 7, 19, "cpp", num_layers=2, bias=bias, bidirectional=bidirectional)
-    hx = random_hx(cell, 4 if bidirectional else 2, B, 19)
-    check_oracle(fused, ref, random_input(T, B, 7), hx, dtype=dtype)
-
-
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-def test_short_projected_packed_lstm_matches_torch(dtype):
-    """Held rows (lengths) and W_hr in the direct driver: 2 steps, rows of length 1 and 2."""
-    fused, ref = make_pair("lstm", 5, 9, "cpp", num_layers=2, proj_size=4, bidirectional=True)
-    hx = random_hx("lstm", 4, 3, 9, proj_size=4)
-    check_oracle(fused, ref, random_packed([2, 1, 2], 5), hx, dtype=dtype)
+_REASON = backends._reason("cpp", "cpu", torch.float32, "lstm")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpp backend: {_REASON}")
 
 
 def _decode(model, xs, hx):

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from conftest import on_backends
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,7 +26,7 @@ from fusedrnn.demo import data, main
 from fusedrnn.demo.model import CharLM, make_rnn
 from fusedrnn.demo.train import train
 
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b in ("reference", "cpp")]
+NOT_INTERPRETED = ("triton",)  # a training run is far too slow in Triton's interpreter
 # Fused and torch.nn training curves differ only by float32 rounding, which a few epochs of SGD amplify
 # from ~1e-7 to well under this.
 CURVE_RTOL = 1e-4
@@ -240,7 +241,7 @@ def test_missing_or_corrupted_text_is_refused(tmp_path, corrupted_text):
 
 
 # ---- training ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_short_run_learns_and_follows_torch_nn(cell, backend):
     corpus, vocab = data.load_corpus()

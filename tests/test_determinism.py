@@ -7,12 +7,7 @@ raises a RuntimeError that says so, as torch's own nondeterministic ops do, or r
 
 import pytest
 import torch
-from conftest import CELLS, make_pair, random_hx, random_input, run_model
-
-import fusedrnn
-from fusedrnn import backend as backends
-
-CPU_BACKENDS = fusedrnn.available_backends("cpu")
+from conftest import CELLS, make_pair, num_states, on_backends, random_hx, random_input, run_model
 
 
 @pytest.fixture
@@ -29,7 +24,7 @@ def _problem(backend, cell, device="cpu"):
     T, B, I, H, layers = (6, 64, 24, 48, 2) if big else (3, 2, 3, 4, 1)
     model = make_pair(cell, I, H, backend, num_layers=layers, bidirectional=big, device=device)[0]
     x = random_input(T, B, I, dtype=torch.float32).to(device).requires_grad_()
-    hx = random_hx(cell, layers * (1 + big), B, H, dtype=torch.float32)
+    hx = random_hx(cell, num_states(layers, bidirectional=big), B, H, dtype=torch.float32)
     hx = tuple(h.to(device).requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.to(device).requires_grad_()
     return model, x, hx
 
@@ -40,24 +35,16 @@ def _assert_bitwise_equal(first, second):
             assert torch.equal(a, b), f"{kind}[{i}] differs between two identical runs"
 
 
-def _require(backend, device, cell):
-    reason = backends._reason(backend, device, torch.float32, cell)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run {cell} on {device}: {reason}")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_bitwise_identical_twice(backend, cell):
-    _require(backend, "cpu", cell)
     model, x, hx = _problem(backend, cell)
     _assert_bitwise_equal(run_model(model, x, hx), run_model(model, x, hx))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cpu_deterministic_mode_runs_unchanged(backend, cell, deterministic_mode):
-    _require(backend, "cpu", cell)
     model, x, hx = _problem(backend, cell)
     strict = run_model(model, x, hx)
     torch.use_deterministic_algorithms(False)
@@ -65,10 +52,9 @@ def test_cpu_deterministic_mode_runs_unchanged(backend, cell, deterministic_mode
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@on_backends("cuda")
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_deterministic_mode_raises_or_repeats(backend, cell, deterministic_mode):
-    _require(backend, "cuda", cell)
     model, x, hx = _problem(backend, cell, device="cuda")
     try:
         first = run_model(model, x, hx)

@@ -4,7 +4,7 @@ T = 20,000 must run without recursion limits, in time linear in T (a per-step Py
 quadratic one would not finish in CI) and in memory linear in T. The memory test measures the peak bytes a
 forward + backward adds (CPU: the peak resident size of a fresh process, big buffers mmapped so a free
 returns them; GPU: the caching allocator's peak) and compares it, per timestep, with the analytic size of
-what autograd saves (y and the backend's workspace ws) and of the BPTT buffers every implementation needs
+what autograd saves (y and the activations the backend saves for backward) and of the BPTT buffers every implementation needs
 on top (the gate gradients for the weight GEMMs, and dx).
 ``python tests/test_long.py BACKEND`` prints the CPU measurements as JSON.
 """
@@ -19,16 +19,22 @@ import sys
 
 import pytest
 import torch
-from conftest import CELLS, FUSED_CLASSES, cell_kwargs, check_oracle, make_pair, random_hx, random_input
+from conftest import (
+    CELLS,
+    DEVICE_BACKENDS,
+    FUSED_CLASSES,
+    cell_kwargs,
+    check_oracle,
+    make_pair,
+    random_hx,
+    random_input,
+)
 
-import fusedrnn
-from fusedrnn import backend as backends
-from fusedrnn.reference import GATES
+from fusedrnn import cells
 
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]  # interpreter: far too slow
-GPU_BACKENDS = ("cuda", "triton", "reference")
-TARGETS = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in CPU_BACKENDS] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in GPU_BACKENDS
+TARGETS = [  # (backend, device); the Triton interpreter is far too slow for these sizes
+    pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+    for d in ("cpu", "cuda") for b in DEVICE_BACKENDS[d] if (b, d) != ("triton", "cpu")
 ]
 # T = 20,000 on the GPU: the fused backends only. The reference's per-step loop is the CPU-tested spec; on the GPU
 # it would spend ~45,000 Python-driven steps (long + memory tests) of a one-lease budget to prove nothing new.
@@ -50,37 +56,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _require(backend, device, cell, dtype=torch.float32):
-    reason = backends._reason(backend, device, dtype, cell)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run {cell} on {device}: {reason}")
-
-
 def _check(backend, device, cell, fused, ref, x, hx):
     check_oracle(fused, ref, x, hx, dtype=torch.float32, device=device)
     assert fused.last_backend == backend
 
 
-@pytest.mark.parametrize("backend,device", LONG_TARGETS)
+@pytest.mark.parametrize("backend,device", LONG_TARGETS, indirect=["backend"])
 @pytest.mark.parametrize("cell", LONG_CELLS)
 def test_long_sequence(backend, device, cell, one_thread):
-    _require(backend, device, cell)
     fused, ref = make_pair(cell, 3, 5, backend)
     _check(backend, device, cell, fused, ref, random_input(LONG_T, 2, 3), random_hx(cell, 1, 2, 5))
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", TARGETS, indirect=["backend"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_batch_4096(backend, device, cell):
-    _require(backend, device, cell)
     fused, ref = make_pair(cell, 3, 4, backend, bidirectional=True)
     _check(backend, device, cell, fused, ref, random_input(3, 4096, 3), random_hx(cell, 2, 4096, 4))
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", TARGETS, indirect=["backend"])
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 257), ("gru", 0), ("rnn_tanh", 0)])
 def test_hidden_2048(backend, device, cell, proj):
-    _require(backend, device, cell)
     fused, ref = make_pair(cell, 7, 2048, backend, **({"proj_size": proj} if proj else {}))
     hx = random_hx(cell, 1, 2, 2048, proj_size=proj)
     _check(backend, device, cell, fused, ref, random_input(3, 2, 7), hx)
@@ -128,13 +125,12 @@ def _train_step(backend, cell, T, device):
     return run
 
 
-def _analytic_bytes_per_step(backend, cell):
-    """(saved, minimal): bytes per timestep of y + ws, and of those plus the gate gradients and dx."""
+def _analytic_bytes_per_step(cell):
+    """(saved, minimal): bytes per timestep of y + the saved activations, and of those plus the gate gradients
+    and dx."""
     B, I, H = MEMORY_SIZES["B"], MEMORY_SIZES["I"], MEMORY_SIZES["H"]
-    ws_shape = backends.get(backend).workspace_shape
-    ws = math.prod(ws_shape(cell, 2, B, H, H)) - math.prod(ws_shape(cell, 1, B, H, H))
-    saved = (B * H + ws) * 4
-    return saved, saved + B * (GATES[cell] * H + I) * 4
+    saved = (B * H + math.prod(cells.saved_shape(cell, 1, B, H))) * 4
+    return saved, saved + B * (cells.gates(cell) * H + I) * 4
 
 
 def measure_memory(backend, cell, device):
@@ -142,7 +138,7 @@ def measure_memory(backend, cell, device):
     peak = _cpu_peak if device == "cpu" else _cuda_peak
     _train_step(backend, cell, 8, device)()  # lazy loads and first-use buffers stay out of the measurement
     peaks = {T: peak(_train_step(backend, cell, T, device)) for T in MEMORY_T}
-    saved, minimal = _analytic_bytes_per_step(backend, cell)
+    saved, minimal = _analytic_bytes_per_step(cell)
     return {"peak": peaks, "saved_per_step": saved, "minimal_per_step": minimal}
 
 
@@ -159,10 +155,9 @@ def _cpu_measurements(backend):
     return report
 
 
-@pytest.mark.parametrize("backend,device", LONG_TARGETS)
+@pytest.mark.parametrize("backend,device", LONG_TARGETS, indirect=["backend"])
 @pytest.mark.parametrize("cell", LONG_CELLS)
 def test_memory_linear_in_T(backend, device, cell):
-    _require(backend, device, cell)
     m = _cpu_measurements(backend)[cell] if device == "cpu" else measure_memory(backend, cell, device)
     for T, peak in m["peak"].items():
         per_step = peak / T

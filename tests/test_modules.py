@@ -1,82 +1,93 @@
 """fusedrnn modules vs torch.nn on the CPU: outputs, final states and every gradient, for every CPU backend.
 
-float64 must match torch.nn to ~1e-12; float32 is held to the oracle in conftest.py."""
+float64 must match torch.nn to ~1e-12; float32 is held to the oracle in conftest.py. ``test_matches_torch`` is
+the one matrix of model-and-input cases per backend and dtype (batched, unbatched, packed, with and without hx);
+the GPU's is in test_cuda.py and test_triton_gpu.py, random ones in test_fuzz.py."""
+
+import itertools
 
 import pytest
 import torch
-from conftest import AWKWARD_SHAPES, CELLS, SHAPE_ARGS, check_oracle, make_pair, random_hx, random_input, random_packed
-
-import fusedrnn
-
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]  # triton: test_triton.py
-DTYPES = (torch.float64, torch.float32)
-
-
-def _states(bidirectional, layers):
-    return layers * (2 if bidirectional else 1)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize(
-    SHAPE_ARGS,
-    [*AWKWARD_SHAPES, (3, 2, 5, 8, 3, True)],
+from conftest import (
+    AWKWARD_SHAPES,
+    CELLS,
+    DEVICE_BACKENDS,
+    TRITON_VARIANTS,
+    Case,
+    case_id,
+    check_case,
+    make_pair,
+    on_backends,
+    random_hx,
+    random_input,
+    random_packed,
 )
-def test_matches_torch(backend, dtype, cell, T, B, I, H, layers, bidirectional):
-    fused, ref = make_pair(cell, I, H, backend, num_layers=layers, bidirectional=bidirectional)
-    hx = random_hx(cell, _states(bidirectional, layers), B, H)
-    check_oracle(fused, ref, random_input(T, B, I), hx, dtype=dtype)
-    assert fused.last_backend == backend
+
+DTYPES = (torch.float64, torch.float32)
+NOT_INTERPRETED = ("triton",)  # the Triton interpreter runs its own, smaller cases below (far too slow for these)
+NATIVE = tuple(b for b in DEVICE_BACKENDS["cpu"] if b not in NOT_INTERPRETED)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_lstm_proj(backend, dtype, bidirectional):
-    fused, ref = make_pair("lstm", 5, 9, backend, num_layers=2, proj_size=4, bidirectional=bidirectional)
-    hx = random_hx("lstm", _states(bidirectional, 2), 3, 9, proj_size=4)
-    check_oracle(fused, ref, random_input(6, 3, 5), hx, dtype=dtype)
+def _batched(cells, shapes, **kwargs):
+    """Cases from (T, B, I, H, layers, bidirectional) shapes; kwargs: more constructor keywords."""
+    return [Case(cell, I, H, T, B, {"num_layers": layers, "bidirectional": bidirectional, **kwargs})
+            for cell in cells for T, B, I, H, layers, bidirectional in shapes]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cell", CELLS)
-def test_no_bias_batch_first_no_hx(backend, cell):
-    fused, ref = make_pair(cell, 4, 7, backend, num_layers=2, bias=False, batch_first=True)
-    check_oracle(fused, ref, random_input(5, 3, 4, batch_first=True), None, dtype=torch.float64)
+def _packed(cells, lengths, I, H, enforce_sorted=False, **kwargs):
+    return [Case(cell, I, H, max(lengths), len(lengths), kwargs, "packed", tuple(lengths), enforce_sorted)
+            for cell in cells]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("batch_first", [False, True])
-def test_unbatched(backend, cell, batch_first):
-    fused, ref = make_pair(cell, 4, 6, backend, num_layers=2, bidirectional=True, batch_first=batch_first)
-    hx = random_hx(cell, 4, 1, 6)
-    hx = tuple(h[:, 0] for h in hx) if isinstance(hx, tuple) else hx[:, 0]
-    check_oracle(fused, ref, torch.randn(5, 4, dtype=torch.float64), hx, dtype=torch.float64)
+NATIVE_CASES = [  # NATIVE backends, float64 and float32
+    *_batched(CELLS, [*AWKWARD_SHAPES, (3, 2, 5, 8, 3, True)]),
+    *(Case("lstm", 5, 9, 6, 3, {"num_layers": 2, "proj_size": 4, "bidirectional": d}) for d in (False, True)),
+    *(c for d in (False, True) for c in _packed(CELLS, [5, 4, 2, 1], 3, 6, True, num_layers=2, bidirectional=d)),
+    *(c for d in (False, True) for c in _packed(CELLS, [2, 5, 1, 4], 3, 6, num_layers=2, bidirectional=d)),
+]
+FLOAT64_CASES = [  # NATIVE backends, float64 only
+    *(Case(cell, 4, 6, 5, 1, {"num_layers": 2, "bidirectional": True, "batch_first": f}, "unbatched")
+      for cell in CELLS for f in (False, True)),
+    *(Case(cell, 4, 7, 5, 3, {"num_layers": 2, "bias": False, "batch_first": True}, with_hx=False) for cell in CELLS),
+    *_packed(["lstm"], [3, 6, 1], 3, 6, num_layers=2, bidirectional=True, proj_size=2),
+]
+SHORT_CASES = [  # cpp's decode driver (T <= 8: fusedrnn/cpp.py), float64 and float32
+    *(Case(cell, 7, 19, T, B, {"num_layers": 2, "bias": bias, "bidirectional": d})
+      for cell in CELLS for T, B, bias, d in [(1, 1, True, False), (2, 32, False, True), (8, 2, True, True)]),
+    *_packed(["lstm"], [2, 1, 2], 5, 9, num_layers=2, proj_size=4, bidirectional=True),
+]
+INTERPRETED_CASES = [  # triton on CPU tensors (its interpreter), float32, every kernel variant
+    *_batched(CELLS, [(4, 3, 5, 20, 1, False), (1, 1, 3, 7, 2, True), (3, 4, 6, 32, 2, True)]),
+    *_batched(["lstm"], [(4, 3, 5, 9, 1, False), (4, 3, 5, 9, 2, True)], proj_size=4),
+    *_packed(CELLS, [2, 4, 1, 3], 3, 6, num_layers=2, bidirectional=True),
+    *_packed(["lstm"], [3, 4, 1], 3, 6, bidirectional=True, proj_size=2),
+    *(Case(cell, 4, 7, 3, 2, {"bias": False, "batch_first": True}, with_hx=False) for cell in CELLS),
+]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("enforce_sorted", [True, False])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_packed(backend, cell, enforce_sorted, bidirectional):
-    lengths = [5, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4]
-    fused, ref = make_pair(cell, 3, 6, backend, num_layers=2, bidirectional=bidirectional)
-    packed = random_packed(lengths, 3, enforce_sorted=enforce_sorted)
-    hx = random_hx(cell, _states(bidirectional, 2), len(lengths), 6)
-    for dtype in DTYPES:
-        check_oracle(fused, ref, packed, hx, dtype=dtype)
+def _rows(backends, dtypes, cases, variants=(None,)):
+    """(backend, Triton variant, dtype, case) params, one per combination, with readable ids."""
+    def row(backend, variant, dtype, case):
+        words = (backend, variant, str(dtype).removeprefix("torch."), case_id(case))
+        return pytest.param(backend, variant, dtype, case, id="-".join(w for w in words if w))
+
+    return [row(*combination) for combination in itertools.product(backends, variants, dtypes, cases)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_packed_lstm_proj(backend):
-    fused, ref = make_pair("lstm", 3, 6, backend, num_layers=2, bidirectional=True, proj_size=2)
-    packed = random_packed([3, 6, 1], 3)
-    check_oracle(fused, ref, packed, random_hx("lstm", 4, 3, 6, proj_size=2), dtype=torch.float64)
+MATRIX = [
+    *_rows(NATIVE, DTYPES, NATIVE_CASES),
+    *_rows(NATIVE, (torch.float64,), FLOAT64_CASES),
+    *_rows(("cpp",), DTYPES, SHORT_CASES),
+    *_rows(("triton",), (torch.float32,), INTERPRETED_CASES, TRITON_VARIANTS),
+]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,triton_variant,dtype,case", MATRIX, indirect=["backend", "triton_variant"])
+def test_matches_torch(backend, triton_variant, dtype, case):
+    check_case(case, backend, dtype)
+
+
+@on_backends(exclude=NOT_INTERPRETED)
 @pytest.mark.parametrize("cell", CELLS)
 def test_dropout_between_layers(backend, cell):
     """Dropout masks come from the same RNG draws as torch.nn's, so train() outputs match exactly."""
@@ -93,19 +104,7 @@ def test_dropout_between_layers(backend, cell):
     assert not torch.allclose(y_fused, fused(x)[0])  # train() really dropped something
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cell", CELLS)
-def test_nan_stays_in_its_sequence(backend, cell):
-    fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, dtype=torch.float64)
-    x = random_input(4, 3, 3)
-    x[1, 1, 0] = float("nan")
-    y, _ = fused(x)
-    assert torch.isnan(y[1:, 1]).any()
-    assert torch.isfinite(y[:, [0, 2]]).all()
-    torch.testing.assert_close(y[:, [0, 2]], ref(x)[0][:, [0, 2]], rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(backend, cell):
     fused = make_pair(cell, 3, 4, backend, num_layers=2, bidirectional=True, dtype=torch.float64)[0]
@@ -124,7 +123,7 @@ def test_gradcheck(backend, cell):
     assert torch.autograd.gradcheck(f, (x, *hx, *fused.parameters()))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 def test_lengths_packed_gradcheck(backend):
     fused = make_pair("lstm", 2, 3, backend, bidirectional=True, dtype=torch.float64)[0]
     data = random_packed([3, 1, 2], 2)

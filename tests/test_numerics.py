@@ -5,6 +5,8 @@ Magnitudes and non-finite values are compared with torch.nn run on the same weig
 where torch.nn has none" is checked element by element on outputs and every gradient.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -16,27 +18,24 @@ from conftest import (
     check_oracle,
     keep_off_relu_kink,
     make_pair,
+    num_states,
     off_relu_kink,
+    on_backends,
     random_hx,
     random_input,
+    random_layer_call,
+    random_weights,
     rel_err,
     relu_layers,
+    require,
     run_model,
 )
 
-import fusedrnn
 from fusedrnn import backend as backends
+from fusedrnn.cells import LayerWeights
 from fusedrnn.ops import run_layer
-from fusedrnn.reference import GATES
 
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
-ALL_CPU_BACKENDS = fusedrnn.available_backends("cpu")  # triton (interpreted) too: these shapes are tiny
-
-
-def _require(backend, cell, dtype):
-    reason = backends._reason(backend, "cpu", dtype, cell)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run {cell} in {dtype} on the CPU: {reason}")
+NOT_INTERPRETED = ("triton",)  # the model-sized tests: too slow in Triton's interpreter (the small ones run it)
 
 
 def _scaled(hx, scale):
@@ -57,31 +56,39 @@ def _assert_no_new_nan(got, base):
             assert not new.any(), f"{kind}[{i}]: {int(new.sum())} NaN where torch.nn has none"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scale", [1e4, 1e30, 1e-30, 1e-40], ids=lambda s: f"{s:.0e}")
 def test_extreme_magnitudes(backend, cell, scale):
     """Inputs and initial states scaled far into saturation (1e30: x W ~ 1e30, gradients ~ 1e59 before the
     saturated gates' zero derivatives cancel them) or down to float32 subnormals (1e-40)."""
-    _require(backend, cell, torch.float32)
     fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=True)
     x, hx = random_input(4, 3, 3) * scale, _scaled(random_hx(cell, 4, 3, 5), scale)
     check_oracle(fused, ref, x, hx, dtype=torch.float32)  # asserts finite outputs and gradients
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+NONFINITE = [  # (value, bidirectional)
+    pytest.param(float("nan"), False, id="nan-unidirectional"),
+    *(pytest.param(v, True, id=f"{v}-bidirectional") for v in (float("nan"), float("inf"), -float("inf"))),
+]
+
+
+@on_backends(exclude=NOT_INTERPRETED)
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
-def test_nonfinite_stays_in_its_sequence(backend, cell, value):
-    """One input element of sequence 1 is NaN/Inf: the other sequences' outputs and their input and state
-    gradients are exactly torch.nn's (the shared weight gradients may be polluted, as in torch.nn)."""
-    _require(backend, cell, torch.float64)
-    fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=True, dtype=torch.float64)
+@pytest.mark.parametrize("value,bidirectional", NONFINITE)
+def test_nonfinite_stays_in_its_sequence(backend, cell, value, bidirectional):
+    """One input element of sequence 1 is NaN/Inf: a NaN reaches that sequence's later outputs, the other
+    sequences' outputs and their input and state gradients are exactly torch.nn's (the shared weight gradients
+    may be polluted, as in torch.nn), and no NaN appears where torch.nn has none."""
+    require(backend, "cpu", torch.float64, cell)
+    fused, ref = make_pair(cell, 3, 5, backend, num_layers=2, bidirectional=bidirectional, dtype=torch.float64)
     x = random_input(4, 3, 3)
     x[1, 1, 0] = value
-    hx = random_hx(cell, 4, 3, 5)
+    hx = random_hx(cell, num_states(2, bidirectional), 3, 5)
     got, base = run_model(fused, *_leaves(x, hx)), run_model(ref, *_leaves(x, hx))
     _assert_no_new_nan(got, base)
+    if math.isnan(value):  # it reaches its own sequence (an Inf may saturate away)
+        assert got["out"][0][1:, 1].isnan().any()
     states = len(hx) if isinstance(hx, tuple) else 1
     others = [0, 2]
     per_sequence = got["out"] + got["grad"][: 1 + states], base["out"] + base["grad"][: 1 + states]
@@ -91,62 +98,50 @@ def test_nonfinite_stays_in_its_sequence(backend, cell, value):
         assert rel_err(a, b) <= FLOOR[torch.float64], f"tensor {i}: other sequences differ from torch.nn"
 
 
-def _layer_args(cell, T, B, I, H, dtype=torch.float64):
-    G = GATES[cell]
-    return {
-        "x": torch.randn(T, B, I, dtype=dtype),
-        "h0": torch.randn(B, H, dtype=dtype),
-        "c0": torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
-        "w_ih": torch.randn(G * H, I, dtype=dtype),
-        "w_hh": torch.randn(G * H, H, dtype=dtype) / H,
-        "b_ih": torch.randn(G * H, dtype=dtype),
-        "b_hh": torch.randn(G * H, dtype=dtype),
-        "w_hr": None,
-    }
-
-
-def _run_layer_grads(args, lengths, cell, reverse, backend, dy):
-    """(y, h_n, c_n) and the gradients of sum(y * dy) + sum(h_n) + sum(c_n) w.r.t. every tensor in args."""
-    leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
-    full = {**args, **leaves}
-    y, h_n, c_n = run_layer(**full, lengths=lengths, mode=cell, reverse=reverse, backend=backend)
+def _run_layer_grads(call, backend, dy):
+    """(y, h_n, c_n) of a LayerCall through run_layer, and the gradients of sum(y * dy) + sum(h_n) + sum(c_n)
+    w.r.t. every tensor of the call, by name."""
+    tensors = {"x": call.x, "h0": call.h0, "c0": call.c0, **call.weights._asdict()}
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items() if v is not None}
+    weights = LayerWeights(*(leaves.get(name) for name in LayerWeights._fields))
+    y, h_n, c_n = run_layer(leaves["x"], leaves["h0"], leaves.get("c0"), weights, call.lengths, call.cell,
+                            call.reverse, backend)
     outs = [o for o in (y, h_n, c_n) if o is not None]
     loss = (y * dy).sum() + sum(o.sum() for o in outs[1:])
     return outs, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_padding_never_leaks(backend, cell, reverse):
     """The op contract: steps t >= lengths[b] are padding. NaN there, in x or in dy, must not reach y at
     valid steps, h_n, c_n or any gradient (x padding stays out of the forward; dy padding out of backward)."""
     dtype = torch.float64 if backends._reason(backend, "cpu", torch.float64, cell) is None else torch.float32
-    _require(backend, cell, dtype)
-    T, lengths = 5, torch.tensor([3, 5, 1, 4])
-    args = {k: v.to(dtype) if v is not None else None for k, v in _layer_args(cell, T, 4, 3, 6).items()}
-    pad = torch.arange(T).unsqueeze(1) >= lengths  # (T, B): True at padded steps
+    T, lengths = 5, [3, 5, 1, 4]
+    call = random_layer_call(cell, T, 4, 3, 6, lengths=lengths, reverse=reverse, dtype=dtype)
+    pad = torch.arange(T).unsqueeze(1) >= call.lengths  # (T, B): True at padded steps
     dy = torch.randn(T, 4, 6, dtype=dtype)
     dy_nan = dy.masked_fill(pad.unsqueeze(2), float("nan"))
-    x_nan = args["x"].masked_fill(pad.unsqueeze(2), float("nan"))
+    x_nan = call.x.masked_fill(pad.unsqueeze(2), float("nan"))
 
-    (y, *states), grads = _run_layer_grads(args, lengths, cell, reverse, backend, dy)
-    (y_nan, *states_nan), _ = _run_layer_grads({**args, "x": x_nan}, lengths, cell, reverse, backend, dy)
+    (y, *states), grads = _run_layer_grads(call, backend, dy)
+    (y_nan, *states_nan), _ = _run_layer_grads(call._replace(x=x_nan), backend, dy)
     assert torch.equal(y_nan[~pad], y[~pad]), "NaN padding in x changed y at valid steps"
     for a, b in zip(states_nan, states):
         assert torch.equal(a, b), "NaN padding in x changed the final state"
-    _, grads_nan = _run_layer_grads(args, lengths, cell, reverse, backend, dy_nan)
+    _, grads_nan = _run_layer_grads(call, backend, dy_nan)
     for name, g in grads.items():
         assert torch.equal(grads_nan[name], g), f"NaN in dy at padded steps changed d{name}"
 
 
-@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", CELLS)
 def test_float16_overflow_like_torch(backend, cell):
     """Weights and inputs scaled by 300 overflow float16 (max 65504) in the forward of relu RNNs and in
     most backward passes: overflow (inf or NaN) must happen exactly where torch.nn's does, no NaN appears
     where torch.nn has none, and no finite value stands where torch.nn overflowed."""
-    _require(backend, cell, torch.float16)
+    require(backend, "cpu", torch.float16, cell)
     fused, ref = make_pair(cell, 3, 5, backend, dtype=torch.float16)
     with torch.no_grad():
         for p in (*fused.parameters(), *ref.parameters()):
@@ -161,10 +156,10 @@ def test_float16_overflow_like_torch(backend, cell):
             assert torch.equal(a[both], b[both]), f"{kind}[{i}]: infinities of opposite signs"
 
 
-@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("cell", CELLS)
 def test_float16_in_range(backend, cell):
-    _require(backend, cell, torch.float16)
+    require(backend, "cpu", torch.float16, cell)
     fused, ref = make_pair(cell, 4, 6, backend, num_layers=2)
     check_oracle(fused, ref, random_input(5, 3, 4), random_hx(cell, 2, 3, 6), dtype=torch.float16)
 
@@ -176,10 +171,10 @@ def _relu_preactivations(layers, x, h0, masks=()):
     zs, inputs = [], x
     for l, directions in enumerate(layers):
         outputs = []
-        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(directions):
+        for d, w in enumerate(directions):
             h, ys = h0[l * len(directions) + d], [None] * x.shape[0]
             for t in range(x.shape[0]) if d == 0 else reversed(range(x.shape[0])):
-                z = inputs[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+                z = inputs[t] @ w.w_ih.T + w.b_ih + h @ w.w_hh.T + w.b_hh
                 zs.append(z)
                 h = ys[t] = z.clamp_min(0)
             outputs.append(torch.stack(ys))
@@ -188,7 +183,7 @@ def _relu_preactivations(layers, x, h0, masks=()):
 
 
 def _rounded(layers, dtype):
-    return [[tuple(w.detach().to(dtype).double() for w in direction) for direction in directions]
+    return [[LayerWeights(*(w.detach().to(dtype).double() for w in direction[:4])) for direction in directions]
             for directions in layers]
 
 
@@ -211,8 +206,7 @@ def test_relu_cases_stay_off_the_kink(dtype, T, B, I, H, layers, bidirectional):
 def test_relu_stack_with_dropout_stays_off_the_kink():
     """The stack contract's case (test_cuda.py::test_stack_with_dropout_masks): layer inputs scaled by masks."""
     layers, T, B, I, H = 3, 9, 5, 7, 33
-    params = [[(torch.randn(H, I if l == 0 else H, dtype=torch.float64), torch.randn(H, H, dtype=torch.float64),
-                torch.randn(H, dtype=torch.float64), torch.randn(H, dtype=torch.float64))] for l in range(layers)]
+    params = [[random_weights("rnn_relu", I if l == 0 else H, H)] for l in range(layers)]
     masks = [torch.bernoulli(torch.full((T, B, H), 0.6, dtype=torch.float64)) / 0.6 for _ in range(layers - 1)]
     x = random_input(T, B, I)
     keep_off_relu_kink(params, x.abs().max().item(), input_gain=1 / 0.6)

@@ -2,57 +2,70 @@
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from conftest import (
+    CELLS,
+    cast_call,
+    on_backends,
+    random_cotangents,
+    random_layer_call,
+    random_stack_call,
+    random_stack_cotangents,
+    require,
+)
 
 import fusedrnn
 from fusedrnn import ops
-from fusedrnn.reference import GATES
 
-CPU_BACKENDS = [b for b in fusedrnn.available_backends("cpu") if b != "triton"]
-
-
-def _layer_args(mode, T=3, B=2, I=4, H=5, P=0, lengths=None, reverse=False, dtype=torch.float64):
-    G, P = GATES[mode], P or H
-
-    def leaf(*shape):
-        return torch.randn(*shape, dtype=dtype, requires_grad=True)
-
-    c0 = leaf(B, H) if mode == "lstm" else None
-    w_hr = leaf(P, H) if P != H else None
-    return (leaf(T, B, I), leaf(B, P), c0, leaf(G * H, I), leaf(G * H, P), leaf(G * H), leaf(G * H), w_hr, lengths,
-            mode)
+NOT_INTERPRETED = ("triton",)  # opcheck runs each op many times: too slow in Triton's interpreter
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mode", sorted(GATES))
+def _leaves(call):
+    """The call with every floating tensor a float64 leaf that requires grad."""
+    return cast_call(call, torch.float64)._replace(
+        **{name: pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(), getattr(call, name))
+           for name in ("x", "h0", "c0", "weights")}
+    )
+
+
+def _layer_op_args(call, backend):
+    """layer_forward's arguments (without save) for a LayerCall."""
+    return (call.x, call.h0, call.c0, *call.weights, call.lengths, call.cell, call.reverse, backend)
+
+
+def _layer_call(cell, H=5, P=None, lengths=None, reverse=False):
+    return _leaves(random_layer_call(cell, 3, 2, 4, H, P, lengths, reverse))
+
+
+@on_backends(exclude=NOT_INTERPRETED)
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_opcheck_forward(backend, mode, reverse, packed):
-    lengths = torch.tensor([3, 1]) if packed else None
-    args = (*_layer_args(mode, lengths=lengths), reverse, backend)
-    torch.library.opcheck(ops.layer_forward, args)
+def test_opcheck_forward(backend, cell, reverse, packed):
+    call = _layer_call(cell, lengths=[3, 1] if packed else None, reverse=reverse)
+    torch.library.opcheck(ops.layer_forward, _layer_op_args(call, backend))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 def test_opcheck_lstm_proj(backend):
-    args = (*_layer_args("lstm", H=6, P=3), True, backend)
-    torch.library.opcheck(ops.layer_forward, args)
+    call = _layer_call("lstm", H=6, P=3, reverse=True)
+    torch.library.opcheck(ops.layer_forward, _layer_op_args(call, backend))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mode", sorted(GATES))
+@on_backends(exclude=NOT_INTERPRETED)
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("need_dx", (True, False))
-def test_opcheck_backward(backend, mode, need_dx):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _ = _layer_args(mode)
-    y, h_n, c_n, ws = ops.layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, False, backend)
-    dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
-    dc_n = torch.randn_like(c_n) if mode == "lstm" else None
-    detached = [t.detach() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
-    args = (*detached, lengths, y.detach(), ws.detach(), dy, dh_n, dc_n, mode, False, backend, need_dx)
+def test_opcheck_backward(backend, cell, need_dx):
+    call = _layer_call(cell)
+    y, *_, saved = ops.layer_forward(*_layer_op_args(call, backend))
+    dy, dh_n, dc_n = random_cotangents(call, y.detach())
+    detached = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (call.x, call.h0, call.c0, *call.weights))
+    args = (*detached, call.lengths, y.detach(), saved.detach(), dy, dh_n, dc_n, cell, False, backend, need_dx)
     torch.library.opcheck(ops.layer_backward, args, test_utils=("test_schema", "test_faketensor"))
     assert (ops.layer_backward(*args)[0].numel() > 0) == need_dx
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@on_backends(exclude=NOT_INTERPRETED)
 def test_backend_is_asked_for_dx_only_when_the_input_needs_it(backend, monkeypatch):
     """The first layer's input is data (no grad): its BPTT skips dx; the second layer's input needs one."""
     from fusedrnn import backend as backends
@@ -76,58 +89,53 @@ def test_backend_is_asked_for_dx_only_when_the_input_needs_it(backend, monkeypat
 
 
 def test_backward_after_a_forward_without_save_raises():
-    """save=False keeps no workspace; a gradient through such a call is an error, never a read of an empty ws."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _ = _layer_args("lstm")
-    w_hh = w_hh.detach().requires_grad_()
-    y, _, _, ws = ops.layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, "lstm", False, "cpp", False)
-    assert ws.numel() == 0
+    """save=False keeps no saved activations; a gradient through such a call is an error, never a read of an
+    empty ``saved``."""
+    require("cpp", "cpu", torch.float64, "lstm")
+    call = _layer_call("lstm")
+    call = call._replace(x=call.x.detach(), h0=call.h0.detach(), c0=call.c0.detach(),
+                         weights=call.weights._replace(w_ih=call.weights.w_ih.detach()))
+    y, _, _, saved = ops.layer_forward(*_layer_op_args(call, "cpp"), False)
+    assert saved.numel() == 0
     with pytest.raises(RuntimeError, match="save=False"):
         y.sum().backward()
 
 
 # ---- the stack ops (reference.py's stack contract; the CUDA backend's wavefront) -----------------------------
-def _stack_args(mode, L=2, T=3, B=2, I=4, H=5, P=0, lengths=None, bias=True, dropout=True):
-    """(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths) of a unidirectional stack, float64 leaves."""
-    G, P = GATES[mode], P or H
-
-    def leaf(*shape):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-
-    c0 = leaf(L, B, H) if mode == "lstm" else None
-    w_ih = [leaf(G * H, I if layer == 0 else P) for layer in range(L)]
-    w_hh = [leaf(G * H, P) for _ in range(L)]
-    b_ih = [leaf(G * H) for _ in range(L)] if bias else []
-    b_hh = [leaf(G * H) for _ in range(L)] if bias else []
-    w_hr = [leaf(P, H) for _ in range(L)] if P != H else []
-    masks = [torch.bernoulli(torch.full((T, B, P), 0.7, dtype=torch.float64)) / 0.7 for _ in range(L - 1)]
-    return leaf(T, B, I), leaf(L, B, P), c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks if dropout else [], lengths
+def _stack_call(cell, L=2, T=3, B=2, I=4, H=5, P=None, lengths=None, bias=True, dropout=True):
+    return _leaves(random_stack_call(cell, L, T, B, I, H, P, lengths, dropout, bias))
 
 
-STACK_CASES = {  # mode, _stack_args keywords
+def _stack_op_args(call):
+    """stack_forward's arguments (without save) for a StackCall, on the reference backend."""
+    return (call.x, call.h0, call.c0, *ops._columns(call.weights).values(), call.masks, call.lengths, call.cell,
+            "reference")
+
+
+STACK_CASES = {  # cell, _stack_call keywords
     "lstm": ("lstm", {}),
-    "gru-packed": ("gru", {"L": 3, "lengths": torch.tensor([3, 1])}),
+    "gru-packed": ("gru", {"L": 3, "lengths": [3, 1]}),
     "rnn_tanh-nobias": ("rnn_tanh", {"bias": False, "dropout": False}),
     "rnn_relu": ("rnn_relu", {"B": 3}),
-    "lstm-proj": ("lstm", {"H": 6, "P": 3, "lengths": torch.tensor([2, 3])}),
+    "lstm-proj": ("lstm", {"H": 6, "P": 3, "lengths": [2, 3]}),
 }
 
 
 @pytest.mark.parametrize("case", STACK_CASES)
 def test_opcheck_stack_forward(case):
-    mode, kwargs = STACK_CASES[case]
-    torch.library.opcheck(ops.stack_forward, (*_stack_args(mode, **kwargs), mode, "reference"))
+    cell, kwargs = STACK_CASES[case]
+    torch.library.opcheck(ops.stack_forward, _stack_op_args(_stack_call(cell, **kwargs)))
 
 
 @pytest.mark.parametrize("case", STACK_CASES)
 @pytest.mark.parametrize("need_dx", (True, False))
 def test_opcheck_stack_backward(case, need_dx):
-    mode, kwargs = STACK_CASES[case]
-    args = _stack_args(mode, **kwargs)
-    ys, h_n, c_n, ws = ops.stack_forward(*args, mode, "reference")
-    dc_n = torch.randn_like(c_n) if mode == "lstm" else None
-    detached = [[t.detach() for t in a] if isinstance(a, list) else a.detach() if a is not None else None for a in args]
-    args = (*detached, ys.detach(), ws.detach(), torch.randn_like(ys), torch.randn_like(h_n), dc_n, mode, "reference",
-            need_dx)
+    cell, kwargs = STACK_CASES[case]
+    call = _stack_call(cell, **kwargs)
+    ys, *_, saved = ops.stack_forward(*_stack_op_args(call))
+    dys, dh_n, dc_n = random_stack_cotangents(call)
+    *inputs, cell, backend = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, _stack_op_args(call))
+    args = (*inputs, ys.detach(), saved.detach(), dys, dh_n, dc_n, cell, backend, need_dx)
     torch.library.opcheck(ops.stack_backward, args, test_utils=("test_schema", "test_faketensor"))
     assert (ops.stack_backward(*args)[0].numel() > 0) == need_dx
 
@@ -136,25 +144,15 @@ def test_opcheck_stack_backward(case, need_dx):
 def test_stack_gradients_and_double_backward(case):
     """gradcheck and gradgradcheck (float64) through run_stack: the hand-written stack BPTT and the double
     backward that differentiates the reference BPTT."""
-    mode, kwargs = STACK_CASES[case]
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, masks, lengths = _stack_args(mode, **kwargs)
-    L = len(w_ih)
-    leaves = [t for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr) if t is not None]
-
-    bias, proj = bool(b_ih), bool(w_hr)
+    cell, kwargs = STACK_CASES[case]
+    call = _stack_call(cell, **kwargs)
+    leaves, structure = pytree.tree_flatten((call.x, call.h0, call.c0, call.weights))  # Nones are no leaves
 
     def fn(*leaves):
-        x, h0, *rest = leaves
-        c0 = rest.pop(0) if mode == "lstm" else None
-        per_layer = [rest[k * L : (k + 1) * L] for k in range(len(rest) // L)]  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
-        absent = [None] * L
-        w_ih, w_hh, *rest = per_layer
-        b_ih, b_hh = (rest.pop(0), rest.pop(0)) if bias else (absent, absent)
-        w_hr = rest.pop(0) if proj else absent
-        weights = list(zip(w_ih, w_hh, b_ih, b_hh, w_hr))
-        y, h_n, c_n = ops.run_stack(x, h0, c0, weights, masks, lengths, mode, "reference")
-        if lengths is not None:  # y at padded steps is outside the contract (held, no gradient)
-            y = y * (torch.arange(y.shape[0]).unsqueeze(1) < lengths).unsqueeze(2)
+        x, h0, c0, weights = pytree.tree_unflatten(list(leaves), structure)
+        y, h_n, c_n = ops.run_stack(x, h0, c0, weights, call.masks, call.lengths, cell, "reference")
+        if call.lengths is not None:  # y at padded steps is outside the contract (held, no gradient)
+            y = y * (torch.arange(y.shape[0]).unsqueeze(1) < call.lengths).unsqueeze(2)
         return (y, h_n) if c_n is None else (y, h_n, c_n)
 
     assert torch.autograd.gradcheck(fn, leaves)
@@ -166,7 +164,7 @@ def test_modules_send_unidirectional_stacks_to_the_stack_op(monkeypatch):
     original = ops.stack_forward
 
     def spy(*args):
-        calls.append(args[-3])  # the mode
+        calls.append(args[-3])  # the cell (then backend, save)
         return original(*args)
 
     monkeypatch.setattr(ops, "stack_forward", spy)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fusedrnn import cuda, planner
+from fusedrnn.cells import LayerWeights
 from fusedrnn.planner import CONSTANTS, KNOWN_DEVICES, Device, Shape, plan
 
 H100, A100 = KNOWN_DEVICES["H100"], KNOWN_DEVICES["A100"]
@@ -113,10 +114,10 @@ def test_forced_scheme_wins_over_the_planner(monkeypatch):
         max_layers = 8
 
     monkeypatch.setattr(cuda, "_ext", lambda: Ext)
-    x, w = torch.empty(35, 32, 28), [torch.empty(1024, 28), torch.empty(1024, 256)]
+    x, weights = torch.empty(35, 32, 28), LayerWeights(torch.empty(1024, 28), torch.empty(1024, 256))
     for scheme in ("persistent", "per_step", "gemm"):
         monkeypatch.setattr(cuda, "SCHEME", scheme)
-        chosen = cuda._plan("lstm", x, w[:1], w[1:], [], 2, backward=False)
+        chosen = cuda._plan("lstm", x, weights, 2, backward=False)
         assert (chosen.scheme, chosen.by_layers) == (scheme, scheme == "gemm")
 
 

@@ -1,7 +1,9 @@
 """The Triton backend on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without
-CUDA), at tiny shapes: every cell, forward and backward, 1-2 layers, both directions, proj_size, packed
-lengths, tiling edge cases, in both variants (persistent, split). Checked against torch.nn (and the reference backend) with the oracle in
-conftest.py. On a CUDA machine the interpreter is off and these skip; tests/test_triton_gpu.py runs there.
+CUDA), at tiny shapes, in both variants (persistent, split): tiling edge cases, float16, the backend contract
+called directly, NaN confinement and the kernels' own arithmetic (tanh, tf32 rounding). Checked against torch.nn
+(and the reference backend) with the oracle in conftest.py; the model matrix (1-2 layers, both directions,
+proj_size, packed lengths) is test_modules.py::test_matches_torch's triton rows. On a CUDA machine the interpreter
+is off and these skip; tests/test_triton_gpu.py runs there.
 """
 
 import math
@@ -9,27 +11,29 @@ import sys
 
 import pytest
 import torch
-from conftest import CELLS, FACTOR, FLOOR, check_oracle, make_pair, random_hx, random_input, random_packed, rel_err
+from conftest import (
+    CELLS,
+    FACTOR,
+    FLOOR,
+    cast_call,
+    check_oracle,
+    make_pair,
+    random_cotangents,
+    random_hx,
+    random_input,
+    random_layer_call,
+    rel_err,
+)
 
 from fusedrnn import reference
 from fusedrnn import triton as triton_backend
+from fusedrnn.cells import LayerWeights
 
 _REASON = triton_backend.unavailable_reason("cpu", torch.float32, "lstm")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}")
-
-
-@pytest.fixture(autouse=True, params=["persistent", "split"])
-def variant(request, monkeypatch):
-    """Every test runs both variants of the kernels (fusedrnn/triton/common.py): one launch looping over all
-    steps, and per-step launches of each phase over (batch tile x unit tile) programs."""
-    from fusedrnn.triton import common
-
-    monkeypatch.setattr(common, "VARIANT", request.param)
-    return request.param
-
-
-def _states(bidirectional, layers):
-    return layers * (2 if bidirectional else 1)
+pytestmark = [
+    pytest.mark.skipif(_REASON is not None, reason=f"triton backend on CPU: {_REASON}"),
+    pytest.mark.usefixtures("triton_variant"),  # every test in both variants
+]
 
 
 @pytest.fixture
@@ -44,56 +48,15 @@ def small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize(
-    "T,B,I,H,layers,bidirectional",
-    [
-        (4, 3, 5, 20, 1, False),
-        (1, 1, 3, 7, 2, True),  # T=1, B=1
-        (3, 4, 6, 32, 2, True),  # I != H
-    ],
-)
-def test_matches_torch(cell, T, B, I, H, layers, bidirectional):
-    fused, ref = make_pair(cell, I, H, "triton", num_layers=layers, bidirectional=bidirectional)
-    hx = random_hx(cell, _states(bidirectional, layers), B, H)
-    check_oracle(fused, ref, random_input(T, B, I), hx)
-    assert fused.last_backend == "triton"
-
-
-@pytest.mark.parametrize("cell", CELLS)
 def test_tiled(cell, small_tiles):
     """H=20 over 16-wide tiles, B=3 over two programs of 2 rows, reverse direction included."""
     fused, ref = make_pair(cell, 5, 20, "triton", bidirectional=True)
     check_oracle(fused, ref, random_input(3, 3, 5), random_hx(cell, 2, 3, 20))
 
 
-@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
-def test_lstm_proj(layers, bidirectional):
-    fused, ref = make_pair("lstm", 5, 9, "triton", num_layers=layers, proj_size=4, bidirectional=bidirectional)
-    hx = random_hx("lstm", _states(bidirectional, layers), 3, 9, proj_size=4)
-    check_oracle(fused, ref, random_input(4, 3, 5), hx)
-
-
 def test_lstm_proj_tiled(small_tiles):
     fused, ref = make_pair("lstm", 4, 20, "triton", proj_size=18)
     check_oracle(fused, ref, random_input(3, 3, 4), random_hx("lstm", 1, 3, 20, proj_size=18))
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_packed(cell):
-    fused, ref = make_pair(cell, 3, 6, "triton", num_layers=2, bidirectional=True)
-    packed = random_packed([2, 4, 1, 3], 3)
-    check_oracle(fused, ref, packed, random_hx(cell, 4, 4, 6))
-
-
-def test_packed_lstm_proj():
-    fused, ref = make_pair("lstm", 3, 6, "triton", bidirectional=True, proj_size=2)
-    check_oracle(fused, ref, random_packed([3, 4, 1], 3), random_hx("lstm", 2, 3, 6, proj_size=2))
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_no_bias_batch_first_no_hx(cell):
-    fused, ref = make_pair(cell, 4, 7, "triton", bias=False, batch_first=True)
-    check_oracle(fused, ref, random_input(3, 2, 4, batch_first=True), None)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -106,44 +69,28 @@ def test_float16_vs_reference(cell):
     check_oracle(fused, ref, random_input(3, 3, 5), random_hx(cell, 2, 3, 12), dtype=torch.float16)
 
 
-def _layer_args(mode, T, B, I, H, P, reverse):
-    """Random arguments of one backend call (the contract in reference.py), float64, with packed lengths."""
-    G = reference.GATES[mode]
-    lstm = mode == "lstm"
-    return {
-        "mode": mode, "x": torch.randn(T, B, I, dtype=torch.float64), "h0": torch.randn(B, P, dtype=torch.float64),
-        "c0": torch.randn(B, H, dtype=torch.float64) if lstm else None,
-        "w_ih": torch.randn(G * H, I, dtype=torch.float64) / H**0.5, "w_hh": torch.randn(G * H, P, dtype=torch.float64) / H**0.5,
-        "b_ih": torch.randn(G * H, dtype=torch.float64), "b_hh": torch.randn(G * H, dtype=torch.float64),
-        "w_hr": torch.randn(P, H, dtype=torch.float64) / H**0.5 if P != H else None,
-        "lengths": torch.tensor([T, 1, T - 1][:B]), "reverse": reverse,
-    }
+def _run_layer(backend, call, cot, dtype):
+    """Forward then backward of one layer-direction: a float64 LayerCall and cotangents, run in ``dtype``."""
+    call, cot = cast_call(call, dtype), cast_call(cot, dtype)
+    y, h_n, c_n, saved = backend.forward(*call)
+    dx, dh0, dc0, dweights = backend.backward(*call, y, saved, *cot)
+    return [y, h_n, c_n, saved], [dx, dh0, dc0, *dweights]
 
 
-def _run_layer(backend, args, dtype):
-    """Forward then backward of one layer-direction with fixed random output gradients, all in ``dtype``."""
-    args = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
-    y, h_n, c_n, ws = backend.forward(**args)
-    g = torch.Generator().manual_seed(1)
-    dy, dh_n = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in (y, h_n))
-    dc_n = torch.randn(c_n.shape, generator=g, dtype=torch.float64).to(dtype) if c_n is not None else None
-    grads = backend.backward(**args, y=y, ws=ws, dy=dy, dh_n=dh_n, dc_n=dc_n)
-    return [y, h_n, c_n, ws], list(grads)
-
-
-@pytest.mark.parametrize("mode", CELLS + ("lstm_proj",))
+@pytest.mark.parametrize("cell,P", [(cell, None) for cell in CELLS] + [("lstm", 5)], ids=[*CELLS, "lstm_proj"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_backend_contract(mode, reverse):
+def test_backend_contract(cell, P, reverse):
     """One layer-direction through the backend functions themselves, with lengths and nonzero dh_n, dc_n:
-    every output (ws included: the triton ws has the reference's layout) and every gradient meets the
+    every output (saved included: every backend saves the reference's layout) and every gradient meets the
     oracle against the reference backend in float64, with the reference in float32 as the baseline."""
-    cell, P = ("lstm", 5) if mode == "lstm_proj" else (mode, 9)
-    args = _layer_args(cell, 4, 3, 6, 9, P, reverse)
-    truth = _run_layer(reference, args, torch.float64)
-    base = _run_layer(reference, args, torch.float32)
-    got = _run_layer(triton_backend, args, torch.float32)
+    T, B = 4, 3
+    call = random_layer_call(cell, T, B, 6, 9, P, lengths=[T, 1, T - 1], reverse=reverse)
+    cot = random_cotangents(call, call.x.new_empty(T, B, call.h0.shape[1]))
+    truth = _run_layer(reference, call, cot, torch.float64)
+    base = _run_layer(reference, call, cot, torch.float32)
+    got = _run_layer(triton_backend, call, cot, torch.float32)
     for kind, factor in ((0, FACTOR["output"]), (1, FACTOR["grad"])):
-        for i, (a, b, t) in enumerate(zip(got[kind], base[kind], truth[kind])):
+        for i, (a, b, t) in enumerate(zip(got[kind], base[kind], truth[kind], strict=True)):
             if t is None or t.numel() == 0:
                 assert a is None or a.shape == t.shape
                 continue
@@ -252,14 +199,15 @@ def test_tile_matmul_rounds_tf32_operands(precision):
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_layer_products_round_tf32_operands(allow_tf32):
-    """The rounding reaches the recurrent product of a whole layer, in each variant (the autouse fixture): h0 =
+    """The rounding reaches the recurrent product of a whole layer, in each variant (conftest.triton_variant): h0 =
     1 + 0.75 ulp (tf32's ulp, 2**-10) times a W_hh of 2**-6 over H = 64 units (two unit tiles in the split variant)
     sums exactly to h0's value in fp32; rounded to nearest first it is 1 + 1 ulp, truncated 1. y = tanh of it."""
     T, B, H, a_value = 1, 16, 64, 1 + 0.75 * 2.0**-10
     before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, allow_tf32
     try:
-        y, *_ = triton_backend.forward("rnn_tanh", torch.zeros(T, B, 1), torch.full((B, H), a_value), None,
-                                       torch.zeros(H, 1), torch.full((H, H), 2.0**-6), None, None, None, None, False)
+        weights = LayerWeights(torch.zeros(H, 1), torch.full((H, H), 2.0**-6))
+        y, *_ = triton_backend.forward("rnn_tanh", torch.zeros(T, B, 1), torch.full((B, H), a_value), None, weights,
+                                       None, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     operand = 1 + 2.0**-10 if allow_tf32 else a_value

@@ -8,9 +8,19 @@ Every test is marked ``gpu``: without CUDA conftest skips them, and nothing here
 
 import pytest
 import torch
-from conftest import CELLS, check_oracle, kink_prone, make_pair, off_relu_kink, random_hx, random_input, random_packed
+from conftest import (
+    CELLS,
+    check_oracle,
+    kink_prone,
+    make_pair,
+    num_states,
+    off_relu_kink,
+    random_hx,
+    random_input,
+    random_packed,
+)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("triton_variant")]  # every test in both variants
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -21,15 +31,6 @@ def _triton_on_cuda():
     reason = triton_backend.unavailable_reason("cuda", torch.float32, "lstm")
     if reason is not None:
         pytest.skip(f"triton backend on CUDA: {reason}")
-
-
-@pytest.fixture(autouse=True, params=["persistent", "split"])
-def variant(request, monkeypatch):
-    """Both variants of the kernels (fusedrnn/triton/common.py) on every test."""
-    from fusedrnn.triton import common
-
-    monkeypatch.setattr(common, "VARIANT", request.param)
-    return request.param
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def _check(cell, x, H, dtype, layers=1, bidirectional=False, proj_size=0):
     I, B = x.data.shape[-1], (int(x.batch_sizes[0]) if packed else x.shape[1])
     kwargs = {"proj_size": proj_size} if proj_size else {}
     fused, ref = make_pair(cell, I, H, "triton", num_layers=layers, bidirectional=bidirectional, **kwargs)
-    hx = random_hx(cell, layers * (2 if bidirectional else 1), B, H, proj_size=proj_size)
+    hx = random_hx(cell, num_states(layers, bidirectional), B, H, proj_size=proj_size)
     if kink_prone(cell, dtype):  # relu in half precision: inputs away from the kink (conftest says why)
         hx = off_relu_kink(fused, ref, x, hx)
     check_oracle(fused, ref, x, hx, dtype=dtype, device="cuda")
@@ -96,7 +97,7 @@ def test_book_model(dtype):
     _check("lstm", random_input(35, 32, 28), 256, dtype, layers=2)
 
 
-@pytest.mark.parametrize("variant", ["split"], indirect=True)  # it launches the split variant itself: once
+@pytest.mark.parametrize("triton_variant", ["split"], indirect=True)  # it launches the split variant itself: once
 def test_split_variant_replays_repeated_launches_from_a_cuda_graph(monkeypatch):
     """The same split-variant launches three times with the same pointers (what a training loop gives): run
     directly, then captured and replayed, then replayed. Every run writes the same y, and it is the recurrence's."""
