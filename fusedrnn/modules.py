@@ -161,7 +161,8 @@ class _Fused:
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        hidden = (_stacked(h_n), _stacked(c_n)) if c0 is not None else (_stacked(h_n),)
+        # torch.stack even for one state: a fresh tensor like torch.nn's (an unsqueeze view would refuse h.detach_())
+        hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
         return layer_input, hidden
 
     def _run_stack(self, x, h0, c0, weights, lengths, cell, name):
@@ -182,11 +183,6 @@ def _attribute(module, name):
     name is not registered (a class property serves it) and takes getattr."""
     found = module._parameters.get(name)
     return found if found is not None and name not in module.__dict__ else getattr(module, name)
-
-
-def _stacked(states):
-    """torch.stack(states): (N, B, S) from N states (B, S); one state, the common case, as a view (~4 us less)."""
-    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
 def _same_parameters(weights):

@@ -478,7 +478,7 @@ def run_stack(x, h0, c0, weights, masks, lengths, cell, backend):
         ys, h_n, c_n, _ = backends.get(backend).stack_forward(cell, x, h0, c0, weights, masks, lengths, False)
     else:
         ys, h_n, c_n, _ = stack_forward(x, h0, c0, *columns.values(), masks, lengths, cell, backend, save)
-    return ys[-1], h_n, (c_n if cell == "lstm" else None)
+    return ys[-1].clone(), h_n, (c_n if cell == "lstm" else None)  # y not a view of ys, like torch.nn's output
 
 
 for _args_type in (LayerForwardArgs, LayerBackwardArgs, StackForwardArgs, StackBackwardArgs):

@@ -215,8 +215,14 @@ def stack_forward_by_layers(layer_forward, cell, x, h0, c0, weights, masks, leng
             lengths, False, save,
         )
         ys.append(y), h_n.append(h), c_n.append(c), saved.append(s)
-    stacked_saved = torch.stack(saved) if save else x.new_empty(0)
-    return torch.stack(ys), torch.stack(h_n), None if c0 is None else torch.stack(c_n), stacked_saved
+    stacked_saved = _stacked(saved) if save else x.new_empty(0)
+    return _stacked(ys), _stacked(h_n), None if c0 is None else _stacked(c_n), stacked_saved
+
+
+def _stacked(tensors):
+    """torch.stack, never a view: below autograd (inside a custom op) torch.stack is cat + view, and a view leaks
+    out of the op to the user (``h_n.detach_()`` then raises where torch.nn's does not)."""
+    return torch.cat([t.unsqueeze(0) for t in tensors])
 
 
 def stack_backward_by_layers(layer_backward, cell, x, h0, c0, weights, masks, lengths, ys, saved, dys, dh_n, dc_n,

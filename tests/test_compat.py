@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from conftest import CELLS, _flatten_out, cell_kwargs, make_pair, random_hx, random_input
+from conftest import CELLS, _flatten_out, cell_kwargs, make_pair, on_backends, random_hx, random_input
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
@@ -268,3 +268,20 @@ def _saved_and_loaded(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+@on_backends("cpu", exclude=("triton",))  # triton's outputs pass the same module code: test_modules' matrix
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_outputs_detach_in_place_like_torch(backend, cell, layers, grad):
+    """Truncated BPTT (the book's train_epoch_ch8: ``state.detach_()``) needs outputs that are not views: torch.nn
+    returns fresh tensors, and so must the fused modules, on every backend, layer count and grad mode."""
+    fused, ref = make_pair(cell, 4, 5, backend=backend, num_layers=layers, dtype=torch.float64)
+    x = random_input(3, 2, 4)
+    with torch.set_grad_enabled(grad):
+        outs = [_flatten_out(model(x)) for model in (fused, ref)]
+    for got, want in zip(*outs, strict=True):
+        assert got._is_view() == want._is_view()
+        got.detach_()
+        torch.testing.assert_close(got, want.detach_(), **EXACT)
