@@ -13,3 +13,4 @@ pip install -q torch==2.13.0 triton==3.6.0 'numpy<2.4' pytest hypothesis setupto
 FUSEDRNN_BUILD_CPP=0 pip install -q --no-build-isolation --no-deps -e .  # the Triton tests need no extension
 python -c 'import triton; assert triton.__version__ == "3.6.0", triton.__version__'
 python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_compile.py
+python -m pytest -q -p no:cacheprovider tests/test_modules.py -k triton  # the module matrix's triton rows
