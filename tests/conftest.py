@@ -446,13 +446,36 @@ def stack_results(forward, backward, call, cot, dtype, need_dx=True, device="cpu
     return [ys, h_n, c_n, dx, dh0, dc0, *(g for layer in dweights for g in layer)]
 
 
+def layer_results(backend, call, cot, dtype, need_dx=True, device="cpu"):
+    """Forward then backward of a LayerCall on ``backend`` (a backend module) in (dtype, device) with cotangents
+    cot = (dy, dh_n, dc_n): the outputs (y, h_n, c_n), then the gradients (dx, dh0, dc0, the LayerWeights fields)."""
+    call, cot = cast_call(call, dtype, device), cast_call(cot, dtype, device)
+    y, h_n, c_n, saved = backend.forward(*call)
+    dx, dh0, dc0, dweights = backend.backward(*call, y, saved, *cot, need_dx)
+    return [y, h_n, c_n, dx, dh0, dc0, *dweights]
+
+
+def check_layer_oracle(backend, call, cot, dtype, need_dx=True, device="cpu"):
+    """The oracle for a backend's layer calls on a float64 CPU LayerCall; the baseline is the reference backend in
+    the same dtype and device, as for stacks."""
+    reference = fusedrnn.reference
+    truth = layer_results(reference, call, cot, torch.float64, need_dx)
+    base = layer_results(reference, call, cot, dtype, need_dx, device)
+    _assert_within_oracle(layer_results(backend, call, cot, dtype, need_dx, device), base, truth, dtype)
+
+
 def check_stack_oracle(forward, backward, call, cot, dtype, need_dx=True, device="cpu"):
     """The oracle for a backend's stack calls on a float64 CPU StackCall; the baseline is the reference backend in
     the same dtype and device (torch.nn has no call with explicit dropout masks)."""
     reference = fusedrnn.reference
     truth = stack_results(reference.stack_forward, reference.stack_backward, call, cot, torch.float64, need_dx)
     base = stack_results(reference.stack_forward, reference.stack_backward, call, cot, dtype, need_dx, device)
-    got = stack_results(forward, backward, call, cot, dtype, need_dx, device)
+    _assert_within_oracle(stack_results(forward, backward, call, cot, dtype, need_dx, device), base, truth, dtype)
+
+
+def _assert_within_oracle(got, base, truth, dtype):
+    """got, base (the reference in got's dtype) and truth (float64): flat lists of outputs (the first 3) and
+    gradients, None where absent; each got within FACTOR x base's error + FLOOR of truth."""
     assert len(got) == len(truth)
     for i, (g, b, t) in enumerate(zip(got, base, truth)):
         if t is None:

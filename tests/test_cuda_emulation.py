@@ -18,15 +18,13 @@ import pytest
 import torch
 from conftest import (
     CELLS,
-    FACTOR,
-    FLOOR,
     cast_call,
+    check_layer_oracle,
     check_stack_oracle,
     random_cotangents,
     random_layer_call,
     random_stack_call,
     random_stack_cotangents,
-    rel_err,
     stack_results,
 )
 
@@ -82,32 +80,14 @@ def test_cell_constants_are_the_registrys(emulated):
 
 
 # ---- one layer-direction ----------------------------------------------------------------------------------
-def layer_results(backend, call, cot, dtype):
-    """Forward then backward of a LayerCall in `dtype`: outputs, then gradients with the weights' spread out."""
-    call, cot = cast_call(call, dtype), cast_call(cot, dtype)
-    y, h_n, c_n, saved = backend.forward(*call)
-    dx, dh0, dc0, dweights = backend.backward(*call, y, saved, *cot)
-    return [y, h_n, c_n, dx, dh0, dc0, *dweights]
-
-
 def check_layer(emulated, cell, case, scheme, dtype=torch.float32):
-    """conftest's oracle (FACTOR, FLOOR) for one layer call on the emulated backend; the baseline is the reference
-    in the same dtype (as check_stack_oracle's); also checks both calls ran `scheme`."""
+    """conftest's oracle for one layer call on the emulated backend; also checks that it ran `scheme`."""
     T, B, I, H, P, lengths, reverse = case
     call = random_layer_call(cell, T, B, I, H, P, lengths, reverse)
     cot = random_cotangents(call, torch.empty(T, B, P, dtype=torch.float64))
-    truth = layer_results(reference, call, cot, torch.float64)
-    base = layer_results(reference, call, cot, dtype)
     with backend_on(emulated, scheme) as backend:
-        got = layer_results(backend, call, cot, dtype)
+        check_layer_oracle(backend, call, cot, dtype)
     assert emulated.last_scheme() == scheme
-    for i, (g, b, t) in enumerate(zip(got, base, truth, strict=True)):
-        if t is None:
-            assert g is None, f"result {i}: a value where the reference has None"
-            continue
-        assert torch.isfinite(g).all(), f"result {i}: non-finite (an element the kernel never wrote?)"
-        err, err_ref = rel_err(g, t), rel_err(b, t)
-        assert err <= FACTOR["output" if i < 3 else "grad"] * err_ref + FLOOR[dtype], f"result {i}: err {err:.2e}"
 
 
 CASES = {  # T, B, I, H, P, lengths, reverse
