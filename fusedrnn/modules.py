@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backend as backends
 from . import deploy
 from .cells import LayerWeights, cell_of
-from .ops import compute_dtype, run_layer, run_stack
+from .ops import compute_dtype, op_adds_nothing, run_layer, run_stack
 
 
 class _Fused:
@@ -161,8 +161,7 @@ class _Fused:
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        # torch.stack even for one state: a fresh tensor like torch.nn's (an unsqueeze view would refuse h.detach_())
-        hidden = (torch.stack(h_n), torch.stack(c_n)) if c0 is not None else (torch.stack(h_n),)
+        hidden = (_stacked(h_n), _stacked(c_n)) if c0 is not None else (_stacked(h_n),)
         return layer_input, hidden
 
     def _run_stack(self, x, h0, c0, weights, lengths, cell, name):
@@ -183,6 +182,17 @@ def _attribute(module, name):
     name is not registered (a class property serves it) and takes getattr."""
     found = module._parameters.get(name)
     return found if found is not None and name not in module.__dict__ else getattr(module, name)
+
+
+def _stacked(states):
+    """(N, B, S) from N states (B, S): a tensor of its own like torch.nn's h_n, never a view (user code calls
+    ``h.detach_()``, which a view refuses). One state that a backend returned directly, with nothing recording it
+    (the decode path: no autograd history, no tracing, mode or subclass), is unsqueezed in place instead: the contract
+    makes it a fresh tensor nobody else holds, and a copy would cost ~3 us of a 70 us call."""
+    state = states[0]
+    if len(states) == 1 and not state.requires_grad and op_adds_nothing(state, (state,)):
+        return state.unsqueeze_(0)
+    return torch.stack(states)
 
 
 def _same_parameters(weights):

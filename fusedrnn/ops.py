@@ -446,7 +446,7 @@ for _device_type in _AUTOCAST_DEVICES:
         torch.library.impl(_op._qualname, "Autocast" + _device_type.upper(), _kernel)
 
 
-def _op_adds_nothing(x, tensors):
+def op_adds_nothing(x, tensors):
     """Whether calling a backend directly does exactly what its forward op would, when no gradient can follow:
     nothing traces or records ops (torch.compile, export, jit.trace, make_fx), no mode, tensor subclass or functorch
     transform intercepts them, and autocast is off. Then the custom op's dispatch (about 20 us on the CPU, as much as
@@ -467,7 +467,7 @@ def run_layer(x, h0, c0, weights, lengths, cell, reverse, backend):
     reference.py."""
     tensors = (x, h0, c0, *weights, lengths)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not save and _op_adds_nothing(x, tensors):
+    if not save and op_adds_nothing(x, tensors):
         y, h_n, c_n, _ = backends.get(backend).forward(cell, x, h0, c0, weights, lengths, reverse, False)
     else:  # the op takes x, h0, c0, then the weights in LayerWeights order (checked at import below)
         y, h_n, c_n, _ = layer_forward(*tensors, cell, reverse, backend, save)
@@ -481,7 +481,7 @@ def run_stack(x, h0, c0, weights, masks, lengths, cell, backend):
     columns = _columns(weights)
     tensors = (x, h0, c0, *(w for column in columns.values() for w in column))
     save = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])  # list: see modules
-    if not save and _op_adds_nothing(x, (*tensors, *masks, lengths)):
+    if not save and op_adds_nothing(x, (*tensors, *masks, lengths)):
         ys, h_n, c_n, _ = backends.get(backend).stack_forward(cell, x, h0, c0, weights, masks, lengths, False)
     else:
         ys, h_n, c_n, _ = stack_forward(x, h0, c0, *columns.values(), masks, lengths, cell, backend, save)
