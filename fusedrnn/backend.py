@@ -51,6 +51,15 @@ def runs_stacks(name):
     return name in STACK_BACKENDS
 
 
+# The backends whose modules implement reference.py's inference contract (a module's whole no-grad forward in one
+# call); a constant for the same reason (tests check it against the modules).
+INFERENCE_BACKENDS = ("reference", "cpp")
+
+
+def runs_inference(name):
+    return name in INFERENCE_BACKENDS
+
+
 def _reason(name, device_type, dtype, cell):
     try:
         return get(name).unavailable_reason(device_type, dtype, cell)

@@ -17,7 +17,9 @@ fusedrnn/triton); nothing else restates these facts.
 
   w_ih: (G*H, I)   w_hh: (G*H, P)   b_ih, b_hh: (G*H,) or None   w_hr: (P, H) for an LSTM with proj_size P, else None
 
-(P = proj_size or H.) Gradients come back in the same bundle, None where the parameter is None.
+(P = proj_size or H.) Gradients come back in the same bundle, None where the parameter is None. A module's
+parameters as torch.nn lists them (``module._flat_weights``: layer-direction by layer-direction, each w_ih, w_hh[,
+b_ih, b_hh][, w_hr]) become LayerWeights through ``flat_layer_weights``; csrc/cpu/binding.cpp reads the list alike.
 """
 
 from typing import NamedTuple
@@ -69,3 +71,17 @@ class LayerWeights(NamedTuple):
 
     def hidden_size(self, cell):
         return self.w_hh.shape[0] // CELLS[cell].gates
+
+
+def flat_layer_weights(flat, has_biases, count):
+    """``count`` LayerWeights from torch.nn's flat parameter list (``module._flat_weights`` order; layer-direction k
+    = layer * directions + direction). has_biases: the module's ``bias``; a trailing fifth / third entry is w_hr.
+    A plain loop: modules.py runs this under torch.compile too, where Dynamo refused generator expressions."""
+    per = len(flat) // count
+    projected = per > (4 if has_biases else 2)
+    layers = []
+    for k in range(count):
+        w = flat[k * per : (k + 1) * per]
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        layers.append(LayerWeights(w[0], w[1], b_ih, b_hh, w[-1] if projected else None))
+    return layers

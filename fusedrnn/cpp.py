@@ -20,10 +20,10 @@ import os
 
 import torch
 
-from . import toolchain
+from . import reference, toolchain
 from .cells import LayerWeights
 
-__all__ = ["backward", "forward", "unavailable_reason"]
+__all__ = ["backward", "forward", "inference", "unavailable_reason"]
 
 VERBOSE_ENV = "FUSEDRNN_VERBOSE_BUILD"
 _NATIVE = (torch.float32, torch.float64)
@@ -88,9 +88,11 @@ def _module():
 
 
 def _promoted(value):
-    """bfloat16 tensors (also inside a LayerWeights) as float32; anything else as it is."""
+    """bfloat16 tensors (also inside a LayerWeights or a list) as float32; anything else as it is."""
     if isinstance(value, LayerWeights):
         return LayerWeights(*(_promoted(w) for w in value))
+    if isinstance(value, list):
+        return [_promoted(w) for w in value]
     if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
         return value.float()
     return value
@@ -112,6 +114,16 @@ def _in_compute_dtype(fn, x, args):
 def forward(cell, x, h0, c0, weights, lengths, reverse, save=True):
     """One layer, one direction: (y, h_n, c_n, saved); shapes in fusedrnn/reference.py (saved empty without save)."""
     return _in_compute_dtype(_module().forward, x, (cell, x, h0, c0, weights, lengths, reverse, save))
+
+
+def inference(cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths):
+    """A module's whole forward with nothing to differentiate, in one C++ call: (y, h_n, c_n); reference.py's
+    inference contract (weights: torch.nn's flat list). bfloat16 runs layer by layer instead, each layer's output
+    rounded as the training path rounds it, so that no_grad and grad give the same numbers."""
+    args = (cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths)
+    if x.dtype not in _NATIVE:
+        return reference.inference_by_layers(forward, *args)
+    return _module().inference(*args)
 
 
 def backward(cell, x, h0, c0, weights, lengths, reverse, y, saved, dy, dh_n, dc_n, need_dx=True):

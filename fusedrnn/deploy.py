@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as backends
-from .cells import CELLS, cell_of
+from .cells import CELLS, cell_of, flat_layer_weights
 
 _FUSED_ATTRIBUTES = ("backend", "last_backend")
 # torch.nn's gate order (reference.py) -> ONNX's: LSTM (i, f, g, o) -> (i, o, f, c); GRU (r, z, n) -> (z, r, h).
@@ -141,7 +141,7 @@ def _onnx_layer(module, cell, layer, x, seq_lens, h0, c0):
 
 def _onnx_weights(module, cell, index):
     """ONNX's W (G*H, I), R (G*H, H) and B (2*G*H,) or None of layer-direction ``index``, gates reordered."""
-    weights = module._layer_weights(index)
+    weights = flat_layer_weights(module._flat_weights_now(), module.bias, module._num_states())[index]
     order = _ONNX_GATE_ORDER[cell]
 
     def reorder(t):  # slices, not chunk(): the exporter folds single-output ops on constants into initializers

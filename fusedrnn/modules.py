@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backend as backends
 from . import deploy
-from .cells import LayerWeights, cell_of
+from .cells import cell_of, flat_layer_weights
 from .ops import compute_dtype, op_adds_nothing, run_layer, run_stack
 
 
@@ -101,14 +101,11 @@ class _Fused:
         return hidden[0]
 
     # -- the stack ----------------------------------------------------------------------------------------
-    def _layer_weights(self, index):
-        """The LayerWeights of layer-direction ``index``, None where absent.
-
-        Read by name on every call so that functional_call, parametrizations and weight swaps are seen. torch.nn
-        names each layer-direction's parameters in the order w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
-        w = [_attribute(self, name) for name in self._all_weights[index]]
-        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-        return LayerWeights(w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None)
+    def _flat_weights_now(self):
+        """The parameters in torch.nn's flat order (``_flat_weights_names``; cells.flat_layer_weights splits them),
+        None where absent. Read by name on every call so that functional_call, parametrizations and weight swaps
+        are seen."""
+        return [_attribute(self, name) for name in self._flat_weights_names]
 
     def _check_states(self, x, states):
         """What torch.nn checks inside its kernels, with clearer messages (same exception type)."""
@@ -122,6 +119,17 @@ class _Fused:
                 )
             if state.dtype != x.dtype:
                 raise RuntimeError(f"hx dtype ({state.dtype}) does not match input dtype ({x.dtype})")
+
+    def _runs_in_one_call(self, name, x, tensors):
+        """Whether the backend's inference contract (reference.py) can run this whole forward: the backend has it,
+        no dropout applies, no gradient can follow and nothing records the call (ops.op_adds_nothing). Then one
+        backend call replaces a Python loop and an op call per layer (most of a decode step's fixed cost).
+        tensors: every tensor of the call."""
+        if not backends.runs_inference(name) or (self.dropout > 0 and self.training and self.num_layers > 1):
+            return False
+        if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):  # noqa: C419 (_same_parameters)
+            return False
+        return op_adds_nothing(x, tensors)
 
     def _run(self, x, hx, lengths):
         """x: (T, B, I); hx as given to forward (batched, permuted) -> y: (T, B, D*P), (h_n,) or (h_n, c_n)."""
@@ -140,10 +148,15 @@ class _Fused:
                 self.backend, cell, x, compute_dtype(x), self.hidden_size, self.proj_size, layers
             )
         self.__dict__["last_backend"] = name  # a plain attribute: nn.Module.__setattr__'s checks cost ~3 us a call
-        if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name):
-            weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
-            if _same_parameters(weights):
-                return self._run_stack(x, h0, c0, weights, lengths, cell, name)
+        flat = self._flat_weights_now()
+        if self._runs_in_one_call(name, x, [x, h0, c0, *flat, lengths]):
+            y, h_n, c_n = backends.get(name).inference(
+                cell, x.contiguous(), h0, c0, flat, self.bias, self.num_layers, self.bidirectional, lengths
+            )
+            return y, (h_n,) if c0 is None else (h_n, c_n)
+        weights = flat_layer_weights(flat, self.bias, self._num_states())
+        if not self.bidirectional and self.num_layers > 1 and backends.runs_stacks(name) and _same_parameters(weights):
+            return self._run_stack(x, h0, c0, weights, lengths, cell, name)
         directions = 2 if self.bidirectional else 1
         layer_input = x.contiguous()
         h_n, c_n = [], []
@@ -152,8 +165,8 @@ class _Fused:
             for direction in range(directions):
                 index = layer * directions + direction
                 y, h, c = run_layer(
-                    layer_input, h0[index], None if c0 is None else c0[index], self._layer_weights(index),
-                    lengths, cell, direction == 1, name,
+                    layer_input, h0[index], None if c0 is None else c0[index], weights[index], lengths, cell,
+                    direction == 1, name,
                 )
                 outputs.append(y)
                 h_n.append(h)

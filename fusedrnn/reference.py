@@ -52,6 +52,17 @@ backend has it, one forward call per layer otherwise:
   saved: (L, *cells.saved_shape) or (0,) without save   dys, dh_n, dc_n: like ys, h_n, c_n
   dweights: list of L LayerWeights; dx is None without need_dx
 
+A backend may also run a module's whole forward in one call where nothing will differentiate it (inference,
+decoding); modules.py uses it where the backend has it (backend.INFERENCE_BACKENDS), no dropout applies, no
+gradient can follow and nothing records the call (ops.op_adds_nothing):
+
+  inference(cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths) -> (y, h_n, c_n)
+
+  x: (T, B, I)   hx: (L*D, B, P)   cx: (L*D, B, H) or None   (L = num_layers, D = 2 if bidirectional else 1)
+  weights: torch.nn's flat parameter list (cells.flat_layer_weights), layer-direction k = layer * D + direction
+  y: (T, B, D*P) the last layer's output, directions concatenated   h_n: (L*D, B, P)   c_n: (L*D, B, H) or None
+It equals ``inference_by_layers``: forward(..., save=False) layer by layer, direction 1 reversed.
+
 saved, by cell: lstm = activated i, f, g, o and c_t (held); gru = r, z, n and Bh_n; rnn = nothing (tanh' and
 relu' follow from y). Backward is hand-written BPTT: one GEMM per step for dh_{t-1}, then the epilogue
 (fusedrnn/epilogue.py): the weight and input gradients as GEMMs over the whole sequence.
@@ -59,7 +70,7 @@ relu' follow from y). Backward is hand-written BPTT: one GEMM per step for dh_{t
 
 import torch
 
-from .cells import saved_shape
+from .cells import flat_layer_weights, saved_shape
 from .epilogue import input_projection, layer_input, previous, weight_grads
 
 
@@ -243,6 +254,27 @@ def stack_backward_by_layers(layer_backward, cell, x, h0, c0, weights, masks, le
         )
     dx, dh0, dc0, dweights = zip(*per_layer)
     return dx[0] if need_dx else None, torch.stack(dh0), None if c0 is None else torch.stack(dc0), list(dweights)
+
+
+def inference_by_layers(layer_forward, cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths):
+    """The inference contract run as one ``layer_forward`` call (a backend's forward, save=False) per
+    layer-direction."""
+    directions = 2 if bidirectional else 1
+    layers = flat_layer_weights(weights, has_biases, num_layers * directions)
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        ys = []
+        for k in range(layer * directions, (layer + 1) * directions):
+            y, h, c, _ = layer_forward(
+                cell, x, hx[k], None if cx is None else cx[k], layers[k], lengths, k % directions == 1, False
+            )
+            ys.append(y), h_n.append(h), c_n.append(c)
+        x = ys[0] if directions == 1 else torch.cat(ys, dim=2)
+    return x, _stacked(h_n), None if cx is None else _stacked(c_n)
+
+
+def inference(cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths):
+    return inference_by_layers(forward, cell, x, hx, cx, weights, has_biases, num_layers, bidirectional, lengths)
 
 
 def stack_forward(cell, x, h0, c0, weights, masks, lengths, save=True):

@@ -62,3 +62,10 @@ def test_stack_backends_are_the_modules_with_the_stack_contract():
         module = backends.get(name)
         has = hasattr(module, "stack_forward") and hasattr(module, "stack_backward")
         assert backends.runs_stacks(name) == has, name
+
+
+def test_inference_backends_are_the_modules_with_the_inference_contract():
+    for name in backends.NAMES:
+        if name == "triton" and importlib.util.find_spec("triton") is None:
+            continue
+        assert backends.runs_inference(name) == hasattr(backends.get(name), "inference"), name

@@ -8,11 +8,14 @@
   cpp backend keeps no weights between calls (nothing can go stale), and these tests hold any future cache to that.
 - The op layer's direct call under no_grad: the same numbers as the custom op, and still the op wherever a mode
   intercepts ops.
+- A module's whole forward in one backend call under no_grad (reference.py's inference contract): bit for bit the
+  layer-by-layer op path, for every option, in both of the cpp backend's direct-driver schedules (the calling thread,
+  and the team split by units for large steps).
 """
 
 import pytest
 import torch
-from conftest import CELLS, make_pair, random_hx, random_input, rel_err
+from conftest import CELLS, Case, case_id, case_inputs, make_pair, random_hx, random_input, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -181,3 +184,52 @@ def test_per_call_path_has_no_host_sync_or_device_copy(cell):
     assert not {n for n in names if "_local_scalar_dense" in n or "item" in n}
     copies = [f for f in mode.seen if f in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)]
     assert not copies
+
+
+# ---- the whole forward in one call ---------------------------------------------------------------------------
+INFERENCE_CASES = [
+    *(Case(cell, 7, 19, T, B, {"num_layers": 2, "bias": bias, "bidirectional": d})
+      for cell in CELLS for T, B, bias, d in [(1, 1, True, False), (2, 3, False, True), (12, 2, True, True)]),
+    # H = 256 at B = 4: each step's products are large enough for the direct driver's team split (forward.h)
+    *(Case(cell, 96, 256, T, 4, {"bidirectional": True}) for cell in CELLS for T in (1, 2)),
+    Case("lstm", 96, 256, 2, 4, {"num_layers": 2, "proj_size": 64, "bidirectional": True}),
+    Case("lstm", 5, 9, 3, 2, {"num_layers": 3, "proj_size": 4, "batch_first": True}),
+    *(Case(cell, 6, 16, 3, 4, {"num_layers": 2, "bidirectional": True}, "packed", (3, 1, 2, 3)) for cell in CELLS),
+    Case("lstm", 96, 256, 2, 4, {"bidirectional": True}, "packed", (2, 1, 2, 1)),
+    Case("gru", 4, 8, 5, 1, {"num_layers": 2}, "unbatched", with_hx=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=case_id)
+def test_no_grad_forward_in_one_call_equals_the_op_path(case, backend, dtype, monkeypatch):
+    fused, _ = make_pair(case.cell, case.input_size, case.hidden, backend, dtype=dtype, **case.kwargs)
+    x, hx = case_inputs(case)
+    x = x.to(dtype) if isinstance(x, torch.Tensor) else nn.utils.rnn.PackedSequence(x.data.to(dtype), *x[1:])
+    hx = None if hx is None else tuple(h.to(dtype) for h in hx) if case.cell == "lstm" else hx.to(dtype)
+    module, calls = backends.get(backend), []
+    original = module.inference
+    monkeypatch.setattr(module, "inference", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        one_call = fused(x, hx)
+    assert calls == [1]
+    by_layers = fused(x, hx)  # the parameters require grad: the op per layer-direction, under autograd
+    assert calls == [1] and fused.last_backend == backend
+    for got, expected in zip(_tensors(one_call), _tensors(by_layers)):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected.detach())
+
+
+def _tensors(output):
+    y, hidden = output
+    y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+    return [y, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def test_dropout_in_training_mode_keeps_the_layer_path_under_no_grad(monkeypatch):
+    """train() with dropout draws masks between layers even under no_grad (torch.nn does): not the one-call path."""
+    fused = fusedrnn.GRU(4, 8, num_layers=2, dropout=0.5, backend="cpp")
+    monkeypatch.setattr(fusedrnn.cpp, "inference", lambda *args: pytest.fail("one call with dropout"))
+    with torch.no_grad():
+        fused(torch.randn(3, 2, 4))

@@ -55,6 +55,10 @@ SHORT_CASES = [  # cpp's decode driver (T <= 8: fusedrnn/cpp.py), float64 and fl
     *(Case(cell, 7, 19, T, B, {"num_layers": 2, "bias": bias, "bidirectional": d})
       for cell in CELLS for T, B, bias, d in [(1, 1, True, False), (2, 32, False, True), (8, 2, True, True)]),
     *_packed(["lstm"], [2, 1, 2], 5, 9, num_layers=2, proj_size=4, bidirectional=True),
+    # steps large enough for the direct driver's team split by units (csrc/cpu/forward.h: direct_team)
+    *_batched(CELLS, [(1, 4, 96, 256, 1, True), (2, 4, 96, 256, 1, True)]),
+    Case("lstm", 96, 256, 2, 4, {"proj_size": 64, "bidirectional": True}),
+    *_packed(["lstm"], [2, 1, 2, 1], 96, 256, bidirectional=True),
 ]
 INTERPRETED_CASES = [  # triton on CPU tensors (its interpreter), float32, every kernel variant
     *_batched(CELLS, [(4, 3, 5, 20, 1, False), (1, 1, 3, 7, 2, True), (3, 4, 6, 32, 2, True)]),

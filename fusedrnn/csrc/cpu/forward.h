@@ -199,10 +199,15 @@ ForwardOut forward_layer(const Layer& l) {
 
 // Small calls (a decode step, a few steps of a small batch): packing W's panels, and starting a thread team that then
 // meets at a barrier every step, cost more here than they save, so this driver multiplies by the weights as stored
-// through ATen (MKL, as torch.nn does) and runs only the cell rows itself: one pass per step, on the calling thread
-// unless a step has more than kRowUnits units to update. Nothing is packed, so nothing is kept between calls and no
-// cache of packed weights can go stale.
+// through ATen (MKL, as torch.nn does) and runs only the cell rows itself. Nothing is packed, so nothing is kept
+// between calls and no cache of packed weights can go stale.
+// Where a step's products are large (kDirectTeamMacs), MKL alone does not use the second core well at these shapes
+// (B = 32, 256 x 1024: the same speed on one thread as on two), so the team splits each step by units as the
+// packed driver does: worker k multiplies by its units' rows of every gate block of W (which stay in its cache) and
+// runs their cell rows; the team meets at a barrier every step. Smaller calls run on the calling thread, the cell
+// rows too unless a step has more than kRowUnits units.
 constexpr int64_t kRowUnits = int64_t(1) << 14;
+constexpr int64_t kDirectTeamMacs = int64_t(1) << 18;
 
 // Whether a call is small enough for forward_direct: at most two steps, or at most kDirectRows (t, b) rows in all
 // (measured: bench/results/cpp_notes.md, "Scheduling heuristics").
@@ -210,25 +215,69 @@ constexpr int64_t kDirectRows = 16;
 
 inline bool direct_pays(int64_t steps, int64_t B) { return steps <= 2 || steps * B <= kDirectRows; }
 
+// How many workers forward_direct splits a call among: none below kDirectTeamMacs multiply-adds a step, and each gets
+// at least kTeamUnits units (smaller shares make MKL's per-call cost dominate: measured, cpp_notes.md).
+inline int64_t direct_team(int64_t B, int64_t GH, int64_t H, int64_t K) {
+  constexpr int64_t kTeamUnits = 128;
+  if (B * GH * K < kDirectTeamMacs) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / kTeamUnits));
+}
+
+// out[:, k*H + u] = a W[k*H + u]^T for the units u in [u0, u1) of every gate block k: one GEMM over all rows of W
+// when the range is every unit. a: (R, K)  w: (G*H, K)  out: (R, G*H)
+inline void unit_products(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, int64_t G, int64_t H,
+                          int64_t u0, int64_t u1) {
+  if (u0 == 0 && u1 == H) {
+    at::mm_out(out, a, w.t());
+    return;
+  }
+  for (int64_t k = 0; k < G; ++k) {
+    at::Tensor block = out.narrow(1, k * H + u0, u1 - u0);
+    at::mm_out(block, a, w.narrow(0, k * H + u0, u1 - u0).t());
+  }
+}
+
 template <class Cell, class T>
 ForwardOut forward_direct(const Layer& l) {
   ForwardBuffers<Cell, T> out(l);
-  const int64_t steps = out.steps, B = out.B, I = l.x.size(2), GH = Cell::G * out.H;
+  const int64_t steps = out.steps, B = out.B, I = l.x.size(2), H = out.H, P = out.P, GH = Cell::G * H;
   at::Tensor gx = scratch(Slot::kSequence, {steps * B, GH}, l.x.options());
-  at::mm_out(gx, l.x.reshape({steps * B, I}), l.w_ih.t());
   at::Tensor gates = scratch(Slot::kGates, {B, GH}, l.x.options());
+  const at::Tensor x_rows = l.x.reshape({steps * B, I});
   const T *gx_p = gx.data_ptr<T>(), *gates_p = gates.data_ptr<T>();
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = out.order.at(s);
-    at::mm_out(gates, s == 0 ? l.h0 : out.y[out.order.at(s - 1)], l.w_hh.t());
-    const StepRows<T> st = out.step(s, gx_p + t * B * GH, gates_p, GH, out.H);
-    at::parallel_for(0, B, std::max<int64_t>(1, kRowUnits / out.H), [&](int64_t b0, int64_t b1) {
-      forward_rows<Cell>(st, b0, b1, 0, out.H);
-    });
-    if (out.cell_out.defined()) {
-      at::Tensor y_t = out.y[t];
-      at::mm_out(y_t, out.cell_out, l.w_hr.t());
-      restore_held(st, out.y_step(s), 0, B, 0, out.P);
+  const int64_t team = direct_team(B, GH, H, I + P);
+  // Worker `me` of `workers`: its units (and projection columns), its share of every step, a barrier per step.
+  auto run = [&](int64_t me, int64_t workers) {
+    const Range units = share(H / 16, me, workers), cols = share(P / 16, me, workers);  // 16: whole cache lines
+    const int64_t u0 = units.begin * 16, u1 = me + 1 == workers ? H : units.end * 16;
+    const int64_t p0 = cols.begin * 16, p1 = me + 1 == workers ? P : cols.end * 16;
+    unit_products(gx, x_rows, l.w_ih, Cell::G, H, u0, u1);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = out.order.at(s);
+      unit_products(gates, s == 0 ? l.h0 : out.y[out.order.at(s - 1)], l.w_hh, Cell::G, H, u0, u1);
+      const StepRows<T> st = out.step(s, gx_p + t * B * GH, gates_p, GH, H);
+      if (workers > 1) {
+        forward_rows<Cell>(st, 0, B, u0, u1);
+      } else {
+        at::parallel_for(0, B, std::max<int64_t>(1, kRowUnits / H),
+                         [&](int64_t b0, int64_t b1) { forward_rows<Cell>(st, b0, b1, 0, H); });
+      }
+      if (out.cell_out.defined()) {
+#pragma omp barrier
+        at::Tensor y_cols = out.y[t].narrow(1, p0, p1 - p0);
+        at::mm_out(y_cols, out.cell_out, l.w_hr.narrow(0, p0, p1 - p0).t());
+        restore_held(st, out.y_step(s), 0, B, p0, p1);
+      }
+#pragma omp barrier
+    }
+  };
+  if (team == 1) {
+    run(0, 1);
+  } else {
+#pragma omp parallel num_threads(team)
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: the binding's guard is not inherited
+      run(omp_get_thread_num(), omp_get_num_threads());
     }
   }
   return out.finish();
