@@ -281,6 +281,22 @@ layer_forward.register_autograd(_layer_forward_backward, setup_context=_setup_fo
 layer_backward.register_autograd(_double_backward, setup_context=_setup_layer_backward_context)
 
 
+class _LayerForwardEager(torch.autograd.Function):
+    """``layer_forward`` under autograd in plain eager mode (where ``op_adds_nothing``): the op's own implementation,
+    context and backward, the functions register_autograd registers above, without torch.library's autograd
+    wrapper, which rebuilds the op's schema argument list once per argument on every call (~37 us a layer). The
+    context is set inside forward, not in a setup_context method: with one, Function.apply binds every call's
+    arguments through inspect.signature (~25 us)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = layer_forward._init_fn(*inputs)
+        _setup_forward_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_layer_forward_backward)
+
+
 # ---- stacks ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fusedrnn::stack_forward", mutates_args=())
 def stack_forward(
@@ -467,10 +483,13 @@ def run_layer(x, h0, c0, weights, lengths, cell, reverse, backend):
     reference.py."""
     tensors = (x, h0, c0, *weights, lengths)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not save and op_adds_nothing(x, tensors):
-        y, h_n, c_n, _ = backends.get(backend).forward(cell, x, h0, c0, weights, lengths, reverse, False)
-    else:  # the op takes x, h0, c0, then the weights in LayerWeights order (checked at import below)
+    # The op takes x, h0, c0, then the weights in LayerWeights order (checked at import below).
+    if not op_adds_nothing(x, tensors):
         y, h_n, c_n, _ = layer_forward(*tensors, cell, reverse, backend, save)
+    elif save:
+        y, h_n, c_n, _ = _LayerForwardEager.apply(*tensors, cell, reverse, backend, save)
+    else:
+        y, h_n, c_n, _ = backends.get(backend).forward(cell, x, h0, c0, weights, lengths, reverse, False)
     return y, h_n, (c_n if cell == "lstm" else None)
 
 
