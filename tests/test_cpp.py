@@ -182,6 +182,19 @@ def test_saved_activations_come_from_a_pool():
     assert cpp.forward(*call)[3].data_ptr() == address
 
 
+def test_outputs_from_the_pool_are_ordinary_tensors():
+    """y comes from the pool too (an inference loop frees each call's y before the next call): it still resizes,
+    through the pool's allocator and keeping its values, and the block a freed y leaves serves the next call."""
+    call = random_layer_call("lstm", 5, 3, 4, 6)
+    y = cpp.forward(*call)[0]
+    first, address = y.clone(), y.data_ptr()
+    y.resize_(2 * y.shape[0], *y.shape[1:])
+    assert torch.equal(y[: first.shape[0]], first)
+    del y
+    again = cpp.forward(*call)[0]
+    assert again.data_ptr() == address and torch.equal(again, first)
+
+
 # (T, B, I, H, P, lengths, reverse). With 2 threads the first two split the batch rows (4-5 rows per worker, and a
 # step's float64 panels, ~G*H*(I+P) values, within Split::rows_pay's budget for that), the last one the hidden units
 # (H too large).
@@ -316,3 +329,4 @@ def test_build_failure_auto_warns_once_and_uses_reference(broken_build):
         model(torch.randn(2, 1, 3))
     assert not [w for w in record if "c++: not found" in str(w.message)], "warned twice"
     assert backends.resolve("auto", "cpu", torch.float32, "lstm") == "reference"
+

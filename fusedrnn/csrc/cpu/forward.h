@@ -95,8 +95,8 @@ struct ForwardBuffers {
     const at::Tensor zeros = l.b_ih.defined() && l.b_hh.defined() ? at::Tensor() : at::zeros({G * H}, options);
     bias_x = l.b_ih.defined() ? l.b_ih : zeros;
     bias = l.b_hh.defined() ? l.b_hh : zeros;
-    y = at::empty({steps, B, P}, options);
-    saved = l.save ? saved_empty({steps, B, S * H}, options) : scratch(Slot::kState, {2, B, S * H}, options);
+    y = pooled_empty({steps, B, P}, options);
+    saved = l.save ? pooled_empty({steps, B, S * H}, options) : scratch(Slot::kState, {2, B, S * H}, options);
     if (l.w_hr.defined()) cell_out = scratch(Slot::kCellOut, {B, H}, options);
   }
 
