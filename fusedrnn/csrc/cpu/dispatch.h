@@ -10,13 +10,18 @@
 
 namespace fusedrnn::cpu {
 
+template <class Cell, class T>
+ForwardOut forward_either(const Layer& l) {
+  const int64_t steps = l.x.size(0), B = l.x.size(1), H = l.w_hh.size(0) / Cell::G, K = l.x.size(2) + l.h0.size(1);
+  const bool direct = direct_pays<T>(steps, B, Cell::G, H, K);
+  return direct ? forward_direct<Cell, T>(l) : forward_layer<Cell, T>(l);
+}
+
 template <class Cell>
 ForwardOut forward_any(const Layer& l) {
-  if (l.x.scalar_type() == at::kDouble)
-    return direct_pays(l.x.size(0), l.x.size(1)) ? forward_direct<Cell, double>(l) : forward_layer<Cell, double>(l);
+  if (l.x.scalar_type() == at::kDouble) return forward_either<Cell, double>(l);
   TORCH_CHECK(l.x.scalar_type() == at::kFloat, "fusedrnn._cpp: float32 or float64 expected, got ", l.x.scalar_type());
-  if (direct_pays(l.x.size(0), l.x.size(1))) return forward_direct<Cell, float>(l);
-  return forward_layer<Cell, float>(l);
+  return forward_either<Cell, float>(l);
 }
 
 template <class Cell>

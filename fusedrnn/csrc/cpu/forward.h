@@ -209,16 +209,28 @@ ForwardOut forward_layer(const Layer& l) {
 constexpr int64_t kRowUnits = int64_t(1) << 14;
 constexpr int64_t kDirectTeamMacs = int64_t(1) << 18;
 
-// Whether a call is small enough for forward_direct: at most two steps, or at most kDirectRows (t, b) rows in all
-// (measured: bench/results/cpp_notes.md, "Scheduling heuristics").
+// Whether a call is small enough for forward_direct: at most kDirectRows (t, b) rows in all, or at most two steps
+// unless the packed driver's kernel outruns MKL there even over one or two steps (measured:
+// bench/results/cpp_notes.md, "Scheduling heuristics"): with a team, where a step's products are large
+// (kPackedMacs multiply-adds), each worker's share of the panels fits its L2, and each worker's share of the units
+// is narrow (kTeamUnits or fewer: the direct driver's team would then run G narrow MKL products a step).
+// x: (steps, B, I); G*H rows of W; K = I + P.
 constexpr int64_t kDirectRows = 16;
+constexpr int64_t kPackedMacs = int64_t(1) << 23;
+constexpr int64_t kTeamUnits = 128;
 
-inline bool direct_pays(int64_t steps, int64_t B) { return steps <= 2 || steps * B <= kDirectRows; }
+template <class T>
+bool direct_pays(int64_t steps, int64_t B, int64_t G, int64_t H, int64_t K) {
+  if (steps * B <= kDirectRows) return true;
+  if (steps > 2) return false;
+  const int64_t team = at::get_num_threads();
+  const bool panels_fit = G * H * K * static_cast<int64_t>(sizeof(T)) <= cache_sizes().l2 * team;
+  return team == 1 || B * G * H * K < kPackedMacs || !panels_fit || H > kTeamUnits * team;
+}
 
 // How many workers forward_direct splits a call among: none below kDirectTeamMacs multiply-adds a step, and each gets
 // at least kTeamUnits units (smaller shares make MKL's per-call cost dominate: measured, cpp_notes.md).
 inline int64_t direct_team(int64_t B, int64_t GH, int64_t H, int64_t K) {
-  constexpr int64_t kTeamUnits = 128;
   if (B * GH * K < kDirectTeamMacs) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / kTeamUnits));
 }
