@@ -59,6 +59,8 @@ SHORT_CASES = [  # cpp's decode driver (T <= 8: fusedrnn/cpp.py), float64 and fl
     *_batched(CELLS, [(1, 4, 96, 256, 1, True), (2, 4, 96, 256, 1, True)]),
     Case("lstm", 96, 256, 2, 4, {"proj_size": 64, "bidirectional": True}),
     *_packed(["lstm"], [2, 1, 2, 1], 96, 256, bidirectional=True),
+    # one or two steps that take the packed driver in float32 with 2 threads (csrc/cpu/forward.h: direct_pays)
+    *_batched(["lstm", "gru"], [(1, 32, 256, 256, 1, False), (2, 32, 256, 256, 1, True)]),
 ]
 INTERPRETED_CASES = [  # triton on CPU tensors (its interpreter), float32, every kernel variant
     *_batched(CELLS, [(4, 3, 5, 20, 1, False), (1, 1, 3, 7, 2, True), (3, 4, 6, 32, 2, True)]),
