@@ -7,7 +7,7 @@ raises a RuntimeError that says so, as torch's own nondeterministic ops do, or r
 
 import pytest
 import torch
-from conftest import CELLS, make_pair, num_states, on_backends, random_hx, random_input, run_model
+from conftest import CELLS, make_pair, num_states, on_backends, random_hx, random_input, require, run_model
 
 
 @pytest.fixture
@@ -40,6 +40,23 @@ def _assert_bitwise_equal(first, second):
 def test_cpu_bitwise_identical_twice(backend, cell):
     model, x, hx = _problem(backend, cell)
     _assert_bitwise_equal(run_model(model, x, hx), run_model(model, x, hx))
+
+
+@pytest.mark.parametrize("T,B,H", [(1, 1, 64), (2, 4, 256), (2, 32, 256)], ids=["direct", "direct-team", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_small_calls_bitwise_identical_twice(cell, T, B, H):
+    """The cpp backend's schedules for one or two steps (csrc/cpu/forward.h: the direct driver on the calling thread,
+    its team split by units, the packed driver), with a gradient and through the one-call no_grad forward."""
+    require("cpp", "cpu", torch.float32, cell)
+    model = make_pair(cell, H, H, "cpp", num_layers=2)[0]
+    x = random_input(T, B, H, dtype=torch.float32).requires_grad_()
+    hx = random_hx(cell, 2, B, H, dtype=torch.float32)
+    hx = tuple(h.requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.requires_grad_()
+    _assert_bitwise_equal(run_model(model, x, hx), run_model(model, x, hx))
+    with torch.no_grad():
+        first, second = model(x, hx), model(x, hx)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
 
 
 @on_backends()
