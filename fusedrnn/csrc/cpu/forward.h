@@ -6,7 +6,8 @@
 //   nonlinearities and state update (Cell::forward_row) writing h_t into y[t] and its activations into saved[t];
 //   with proj_size, y[t] = cell_out W_hr^T where cell_out = o * tanh(c_t).
 // Two drivers: forward_layer (packed panels, one OpenMP team for the whole sequence, split.h) and forward_direct
-// (small calls: ATen GEMMs on the weights as stored, the cell rows on the calling thread).
+// (small calls: ATen GEMMs on the weights as stored, the cell rows on the calling thread or, for large steps, a team
+// splitting each step by units).
 // Variable lengths: row b only has steps t < lengths[b]; elsewhere the state is held (h_t = h_{t-1},
 // c_t = c_{t-1}: copied, never computed, so NaN in padding cannot leak).
 // Temporaries live in per-thread scratch buffers (scratch.h); without save (no backward follows) only two steps
