@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backend as backends
 from . import deploy
 from .cells import cell_of, flat_layer_weights
-from .ops import compute_dtype, op_adds_nothing, run_layer, run_stack
+from .ops import compute_dtype, grad_can_follow, op_adds_nothing, run_layer, run_stack
 
 
 class _Fused:
@@ -127,9 +127,7 @@ class _Fused:
         tensors: every tensor of the call."""
         if not backends.runs_inference(name) or (self.dropout > 0 and self.training and self.num_layers > 1):
             return False
-        if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):  # noqa: C419 (_same_parameters)
-            return False
-        return op_adds_nothing(x, tensors)
+        return not grad_can_follow(tensors) and op_adds_nothing(x, tensors)
 
     def _run(self, x, hx, lengths):
         """x: (T, B, I); hx as given to forward (batched, permuted) -> y: (T, B, D*P), (h_n,) or (h_n, c_n)."""

@@ -478,11 +478,17 @@ def op_adds_nothing(x, tensors):
     )
 
 
+def grad_can_follow(tensors):
+    """Whether a gradient can flow from a call on ``tensors`` (None allowed): grad mode on and one requires grad.
+    A list, not a generator: Dynamo refused generator expressions here after test_compile.py's graph breaks."""
+    return torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])
+
+
 def run_layer(x, h0, c0, weights, lengths, cell, reverse, backend):
     """Differentiable (y, h_n, c_n or None) for one layer-direction; weights: LayerWeights; see the contract in
     reference.py."""
     tensors = (x, h0, c0, *weights, lengths)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = grad_can_follow(tensors)
     # The op takes x, h0, c0, then the weights in LayerWeights order (checked at import below).
     if not op_adds_nothing(x, tensors):
         y, h_n, c_n, _ = layer_forward(*tensors, cell, reverse, backend, save)
@@ -499,7 +505,7 @@ def run_stack(x, h0, c0, weights, masks, lengths, cell, backend):
     dropout masks between layers (empty list without dropout)."""
     columns = _columns(weights)
     tensors = (x, h0, c0, *(w for column in columns.values() for w in column))
-    save = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])  # list: see modules
+    save = grad_can_follow(tensors)
     if not save and op_adds_nothing(x, (*tensors, *masks, lengths)):
         ys, h_n, c_n, _ = backends.get(backend).stack_forward(cell, x, h0, c0, weights, masks, lengths, False)
     else:
