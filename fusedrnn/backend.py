@@ -39,7 +39,16 @@ def check_name(name):
 def get(name):
     """The backend module called ``name`` (imported on first use)."""
     module = sys.modules.get(_MODULES[name])  # import_module's own lookup costs ~1.5 us of a ~50 us small call
-    return module if module is not None else importlib.import_module(_MODULES[name])
+    return module if module is not None else _first_import(_MODULES[name])
+
+
+def _first_import(path):
+    """importlib.import_module(path), with Dynamo's frame hook off where Dynamo is loaded: the backend choice runs
+    at trace time under torch.compile, and a first import there had Dynamo look at every frame the import ran; under
+    fullgraph a generator among them failed the compile ("Attempt to trace generator") instead of the call going on
+    or raising the backend's own error."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return importlib.import_module(path) if dynamo is None else dynamo.disable(importlib.import_module)(path)
 
 
 # The backends whose modules implement reference.py's stack contract (a unidirectional stack in one call);

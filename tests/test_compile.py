@@ -5,6 +5,8 @@ as eager through AOTAutograd (fake impls, the registered autograd), so it must m
 inductor, the default, gets one test of its own (it is slow to compile on the CPU).
 """
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -102,6 +104,21 @@ def test_export_keeps_each_fused_layer_one_node():
 def test_named_backend_that_cannot_run_raises_under_compile():
     """Backend resolution runs at trace time; its error reaches the caller as a RuntimeError, message intact."""
     model = fusedrnn.GRU(3, 4, backend="cuda")  # the inputs are on the CPU
+    with compile_support(), pytest.raises(RuntimeError, match="backend 'cuda' cannot run gru"):
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(4, 2, 3))
+
+
+def test_backend_first_imported_during_a_trace_still_raises_its_error(monkeypatch):
+    """The backend choice runs at trace time, so a backend's module can be imported for the first time there. After
+    a compile with graph breaks (which leaves Dynamo's frame hook watching), that import once made a fullgraph
+    compile fail on a generator frame inside it ("Attempt to trace generator") instead of raising the choice's error."""
+    model, x = Stack(gru=nn.GRU), torch.randn(4, 3, 3)
+    with compile_support():  # the sequence that first showed it: test_switch_is_scoped_and_plain_torch_rnn_works...
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    torch.compile(model, backend="eager")(x)  # graph breaks around each RNN module
+    monkeypatch.delitem(sys.modules, "fusedrnn.cuda", raising=False)
+    model = fusedrnn.GRU(3, 4, backend="cuda")
     with compile_support(), pytest.raises(RuntimeError, match="backend 'cuda' cannot run gru"):
         torch.compile(model, fullgraph=True, backend="eager")(torch.randn(4, 2, 3))
 
