@@ -46,10 +46,22 @@ FUSEDRNN_INLINE void gemm_tile(int64_t K, const T* a, int64_t lda, const T* pane
     }
   }
   for (int r = 0; r < MR; ++r) {
+    T* row = c + r * ldc;
+    if (width == 2 * L) {  // a whole panel: vector stores (the loop below becomes a memmove call per row)
+      if (accumulate) {
+        V c0, c1;
+        std::memcpy(&c0, row, sizeof(V));
+        std::memcpy(&c1, row + L, sizeof(V));
+        acc[r][0] = c0 + acc[r][0];
+        acc[r][1] = c1 + acc[r][1];
+      }
+      std::memcpy(row, &acc[r][0], sizeof(V));
+      std::memcpy(row + L, &acc[r][1], sizeof(V));
+      continue;
+    }
     T out[2 * L];
     std::memcpy(out, &acc[r][0], sizeof(V));
     std::memcpy(out + L, &acc[r][1], sizeof(V));
-    T* row = c + r * ldc;
     for (int64_t n = 0; n < width; ++n) row[n] = accumulate ? row[n] + out[n] : out[n];
   }
 }
