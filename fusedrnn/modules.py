@@ -102,10 +102,19 @@ class _Fused:
 
     # -- the stack ----------------------------------------------------------------------------------------
     def _flat_weights_now(self):
-        """The parameters in torch.nn's flat order (``_flat_weights_names``; cells.flat_layer_weights splits them),
-        None where absent. Read by name on every call so that functional_call, parametrizations and weight swaps
-        are seen."""
-        return [_attribute(self, name) for name in self._flat_weights_names]
+        """The parameters in torch.nn's flat order (``_flat_weights_names``; cells.flat_layer_weights splits them).
+        Read by name on every call so that functional_call, parametrizations and weight swaps are seen. A parameter
+        set to None after construction raises torch.nn's TypeError: a missing bias is not a zero bias (bias=False
+        leaves the biases out of the names)."""
+        flat = [_attribute(self, name) for name in self._flat_weights_names]
+        for index, weight in enumerate(flat):
+            if weight is None:
+                name = self._flat_weights_names[index]
+                raise TypeError(
+                    f"expected Tensor as element {index} in argument 2, but got NoneType "
+                    f"({type(self).__name__}.{name} is None)"
+                )
+        return flat
 
     def _check_states(self, x, states):
         """What torch.nn checks inside its kernels, with clearer messages (same exception type)."""

@@ -135,6 +135,20 @@ def test_tied_weights_across_two_modules(cell, T):
         assert (first(x, hx)[0] - before).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["bias_hh_l0", "weight_ih_l1"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_parameter_set_to_none_raises_like_torch(cell, grad, name):
+    """A parameter swapped for None: torch.nn raises TypeError (its kernels take no None weight), so do we; a zero
+    bias in its place would be silently wrong."""
+    fused, ref = make_pair(cell, 5, 8, "cpp", num_layers=2)
+    x = random_input(3, 2, 5).float()
+    for model in (fused, ref):
+        setattr(model, name, None)
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="expected Tensor as element"):
+            model(x)
+
+
 # ---- the op layer's direct call ------------------------------------------------------------------------
 class _Ops(TorchDispatchMode):
     def __init__(self):
